@@ -1,0 +1,158 @@
+"""Side effects of an inversion run: hard-prompt logging, best-prompt tracking, result files, progress.
+
+The module holds the math; these hold what is watched, kept and written. Each is a Lightning
+callback switched on or off in the config's trainer.callbacks.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+def append_line(path: Path, record: dict) -> None:
+    """Append one JSON line in a single write and fsync it: a crash leaves whole lines only
+    (at worst a torn last line, which `read_jsonl` skips)."""
+    data = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash mid-write
+    return rows
+
+
+class PromptLogger(L.Callback):
+    """Every `every_n_steps`, project the soft prompts and append the hard prompts with their
+    current loss to `trace.jsonl` in the run folder (logger-independent, readable while running)."""
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not outputs or pl_module.step_in_batch % self.every_n_steps:
+            return
+        ids = pl_module.current_ids()
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for image_id, row, loss in zip(pl_module.image_ids, ids, outputs["losses"].tolist()):
+            record = {"image_id": image_id, "step": pl_module.step_in_batch, "loss": loss,
+                      "prompt": pl_module.vocab.decode(row.tolist())}
+            append_line(run_dir / f"trace.rank{trainer.global_rank}.jsonl", record)
+
+
+class BestPromptTracker(L.Callback):
+    """Keep, per image, the projected prompt with the lowest loss on its fixed (t, noise) set.
+
+    Scored every `every_n_steps` and at the last step; the best replaces the final prompt in the
+    results (the final one is kept as `final_prompt`). `patience` > 0 stops an image early once
+    its best loss has not improved for that many scorings (a plateau).
+    """
+
+    def __init__(self, every_n_steps: int = 10, patience: int = 0, min_delta: float = 0.0):
+        self.every_n_steps, self.patience, self.min_delta = every_n_steps, patience, min_delta
+        self.best: dict[str, dict] = {}
+
+    def _update(self, pl_module) -> None:
+        ids = pl_module.current_ids()
+        losses = pl_module.score(ids)
+        for image_id, row, loss in zip(pl_module.image_ids, ids, losses.tolist()):
+            best = self.best.get(image_id)
+            if best is None or loss < best["loss"] - self.min_delta:
+                self.best[image_id] = {"loss": loss, "ids": row.tolist(), "step": pl_module.step_in_batch, "stale": 0}
+            else:
+                best["stale"] += 1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # A plateau on every image of the batch: skip its remaining steps.
+        if self.patience and pl_module.image_ids == list(batch["image_id"]) and all(
+            self.best.get(i, {}).get("stale", 0) >= self.patience for i in pl_module.image_ids
+        ):
+            pl_module.step_in_batch = pl_module.hparams.steps - 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not outputs:
+            return
+        if pl_module.step_in_batch % self.every_n_steps == 0 or pl_module.step_in_batch == 1 or outputs["finished"]:
+            self._update(pl_module)
+        for record in outputs["finished"]:
+            best = self.best.pop(record["image_id"])
+            record.update(
+                prompt=pl_module.vocab.decode(best["ids"]),
+                token_ids=best["ids"],
+                best_loss=best["loss"],
+                best_step=best["step"],
+            )
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict["best"]
+
+
+class ResultsWriter(L.Callback):
+    """Write `prompts.jsonl` (one line per image, as each finishes), `failures.jsonl` and the
+    textual-inversion file of the soft prompts into the run folder.
+
+    dirpath: the run folder; None uses the trainer's default_root_dir.
+    """
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+
+    def setup(self, trainer, pl_module, stage):
+        self.run_dir = Path(self.dirpath or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_train_start(self, trainer, pl_module):
+        failures = getattr(trainer.datamodule, "failures", []) if trainer.datamodule else []
+        if trainer.is_global_zero:
+            for failure in failures:
+                append_line(self.run_dir / "failures.jsonl", failure)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not outputs or not outputs["finished"]:
+            return
+        by_id = {i: (s, c) for i, s, c in zip(batch["image_id"], batch["source"], batch["caption"])}
+        for record in outputs["finished"]:
+            source, caption = by_id[record["image_id"]]
+            append_line(self.prompts_path(trainer), {**record, "source": source, "caption": caption})
+
+    def prompts_path(self, trainer) -> Path:
+        # One file per rank while running; rank 0's name is the plain one.
+        rank = trainer.global_rank
+        return self.run_dir / ("prompts.jsonl" if rank == 0 else f"prompts.rank{rank}.jsonl")
+
+
+class PromptProgressBar(TQDMProgressBar):
+    """The progress bar with image k of n and the current hard prompt of the first image."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        loader = trainer.train_dataloader
+        if loader is not None:
+            n_images = sum(len(b) for b in loader.batch_sampler.batches)
+            batch_index = trainer.global_step // max(pl_module.hparams.steps, 1)
+            first = min(batch_index * pl_module.hparams.batch_size + 1, n_images)
+            metrics["image"] = f"{first}/{n_images}"
+        if pl_module.image_ids:
+            with torch.no_grad():
+                ids = pl_module.project(pl_module.soft_prompt[:1])[0]
+            metrics["prompt"] = pl_module.vocab.decode(ids.tolist())[:60]
+        return metrics

@@ -1,0 +1,97 @@
+"""The `ph2p` command: `invert` (LightningCLI over PromptInversion + ImageDataModule) and
+`train-demo` (the shipped demo model's training).
+
+Usage: ph2p invert --config configs/demo.yaml [--model.* ...] [--data.* ...] [--trainer.* ...]
+"""
+
+import sys
+from pathlib import Path
+
+from jsonargparse import CLI
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import read_jsonl
+from .data import ImageDataModule
+from .inversion import PromptInversion
+
+COMMANDS = {
+    "invert": "recover a prompt per image (PH2P); writes prompts.jsonl in the run folder",
+    "train-demo": "train the demo model and its oracle on the procedural world",
+}
+
+DEFAULT_CALLBACKS = [
+    {"class_path": "ph2p_lit.callbacks.BestPromptTracker"},
+    {"class_path": "ph2p_lit.callbacks.ResultsWriter"},
+    {"class_path": "ph2p_lit.callbacks.PromptLogger"},
+    {"class_path": "ph2p_lit.callbacks.PromptProgressBar"},
+]
+
+
+class InversionCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from")
+        # One source of truth for values the model and the data both need.
+        parser.link_arguments("model.steps", "data.steps")
+        parser.link_arguments("data.batch_size", "model.batch_size")
+        parser.link_arguments("model.model", "data.model")
+        parser.link_arguments("model.local_files_only", "data.local_files_only")
+        parser.set_defaults(
+            {
+                "trainer.max_epochs": 1,
+                "trainer.default_root_dir": "runs/invert",
+                "trainer.callbacks": DEFAULT_CALLBACKS,
+                "trainer.enable_checkpointing": False,
+                "trainer.logger": False,
+                "trainer.num_sanity_val_steps": 0,
+            }
+        )
+
+
+def print_table(run_dir: Path) -> None:
+    """Image, true caption and recovered prompt of every finished image."""
+    path = run_dir / "prompts.jsonl"
+    if not path.is_file():
+        return
+    rows = sorted(read_jsonl(path), key=lambda r: r["image_id"])
+    width = max([len(r["image_id"]) for r in rows] + [5])
+    print(f"\n{'image':<{width}}  {'caption':<45}  prompt")
+    for r in rows:
+        print(f"{r['image_id']:<{width}}  {r.get('caption', '')[:45]:<45}  {r['prompt']}")
+    print(f"\n{len(rows)} prompts in {path}")
+
+
+def invert(args: list[str]) -> None:
+    cli = InversionCLI(
+        PromptInversion,
+        ImageDataModule,
+        args=args,
+        run=False,
+        save_config_kwargs={"overwrite": True},
+        subclass_mode_model=False,
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    if cli.trainer.is_global_zero:
+        print_table(Path(cli.trainer.default_root_dir))
+
+
+def train_demo(args: list[str]) -> None:
+    from .demo.train import train_demo as run
+
+    CLI(run, args=args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: ph2p COMMAND [--config FILE] [options]\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<12} {text}")
+        print("\n`ph2p COMMAND --help` lists a command's options; --print_config shows its full config.")
+        if argv and argv[0] not in ("-h", "--help"):
+            raise SystemExit(f"ph2p: unknown command {argv[0]!r}")
+        return
+    {"invert": invert, "train-demo": train_demo}[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""ImageDataModule: target images from a folder, a file list or a Hugging Face dataset.
+
+Images are resized and centre-cropped to the model's resolution. Each rank gets a disjoint,
+stable slice of the images; each batch is repeated `steps` times, one optimiser step each.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_KEYS = ("text", "caption", "prompt")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white, 16-bit is scaled down."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "P", "PA") and ("transparency" in image.info or image.mode.endswith("A")):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the shorter side, centre-crop, scale to [-1, 1]: (3, R, R)."""
+    image = ImageOps.fit(to_rgb(image), (resolution, resolution), method=Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def read_captions(root: Path) -> dict[str, str]:
+    """Captions from an imagefolder's metadata.jsonl (file_name + text/caption/prompt)."""
+    captions = {}
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        for line in meta.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                text = next((row[k] for k in CAPTION_KEYS if k in row), None)
+                if text is not None:
+                    captions[row["file_name"]] = text
+    return captions
+
+
+class ImageFiles(Dataset):
+    """Images on disk with optional captions; ids are paths relative to their root."""
+
+    def __init__(self, items: list[dict], resolution: int):
+        self.items, self.resolution = items, resolution
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        with Image.open(item["source"]) as image:
+            pixels = to_pixels(image, self.resolution)
+        return {**item, "pixels": pixels}
+
+
+class HFImages(Dataset):
+    """A Hugging Face `datasets` dataset with an image column and an optional caption column."""
+
+    def __init__(self, dataset, image_column: str, caption_column: str | None, name: str, resolution: int):
+        self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
+        self.name, self.resolution = name, resolution
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.dataset[i]
+        caption = row.get(self.caption_column) if self.caption_column else None
+        return {
+            "image_id": f"{i:06d}",
+            "source": f"{self.name}[{i}]",
+            "caption": caption or "",
+            "pixels": to_pixels(row[self.image_column], self.resolution),
+        }
+
+
+class RepeatedBatches(Sampler):
+    """This rank's images in fixed batches, each batch yielded `repeats` times in a row."""
+
+    def __init__(self, indices: list[int], batch_size: int, repeats: int):
+        self.batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        self.repeats = repeats
+
+    def __iter__(self):
+        for batch in self.batches:
+            for _ in range(self.repeats):
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches) * self.repeats
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "pixels": torch.stack([it["pixels"] for it in items]),
+        **{k: [it[k] for it in items] for k in ("image_id", "source", "caption")},
+    }
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Target images for inversion.
+
+    Args:
+        root: a folder of images (searched recursively, sorted; captions from metadata.jsonl).
+        files: a list of image paths, or one text file listing them.
+        dataset: a Hugging Face dataset name or local path (for example an `imagefolder`).
+        split, image_column, caption_column: which part and columns of `dataset`.
+        limit: only the first `limit` images (after sorting).
+        batch_size: images inverted together.
+        steps: optimiser steps per batch (set from model.steps).
+        resolution: pixels per side; None reads the model's VAE config.
+        model, local_files_only: the model whose resolution to use (set from model.*).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        files: list[str] | str | None = None,
+        dataset: str | None = None,
+        split: str = "train",
+        image_column: str = "image",
+        caption_column: str | None = "text",
+        limit: int | None = None,
+        batch_size: int = 1,
+        steps: int = 500,
+        resolution: int | None = None,
+        model: str = "demo",
+        local_files_only: bool = False,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if sum(x is not None for x in (root, files, dataset)) != 1:
+            raise ValueError("data: give exactly one of data.root (a folder), data.files or data.dataset")
+        self.save_hyperparameters()
+        self.failures: list[dict] = []
+
+    def _resolution(self) -> int:
+        if self.hparams.resolution:
+            return self.hparams.resolution
+        from diffusers import AutoencoderKL
+
+        from .backbone import resolve_model
+
+        config = AutoencoderKL.load_config(
+            resolve_model(self.hparams.model), subfolder="vae", local_files_only=self.hparams.local_files_only
+        )
+        return int(config["sample_size"])
+
+    def _file_items(self) -> list[dict]:
+        hp = self.hparams
+        if hp.root is not None:
+            root = Path(hp.root)
+            if not root.is_dir():
+                raise FileNotFoundError(f"data.root={hp.root}: no such folder")
+            paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            captions = read_captions(root)
+        else:
+            files = hp.files
+            if isinstance(files, str):
+                listing = Path(files)
+                if not listing.is_file():
+                    raise FileNotFoundError(f"data.files={files}: no such list file")
+                files = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+            paths, root, captions = [Path(f) for f in files], None, {}
+        items = []
+        for path in paths:
+            rel = path.relative_to(root).as_posix() if root else path.as_posix()
+            caption = captions.get(rel) or (path.with_suffix(".txt").read_text().strip()
+                                            if path.with_suffix(".txt").is_file() else "")
+            items.append({"image_id": rel, "source": str(path), "caption": caption})
+        return items
+
+    def _check(self, items: list[dict]) -> list[dict]:
+        """Keep the images that open; list the others in `failures` (one bad file never stops a run)."""
+        good = []
+        for item in items:
+            try:
+                with Image.open(item["source"]) as image:
+                    image.verify()
+                good.append(item)
+            except Exception as e:  # PIL raises many types for broken files
+                reason = f"{type(e).__name__}: {e}".splitlines()[0]
+                self.failures.append({"image_id": item["image_id"], "source": item["source"], "error": reason})
+                log.warning("skipping %s: %s", item["source"], reason)
+        return good
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        resolution = self._resolution()
+        if hp.dataset is not None:
+            import datasets
+
+            ds = datasets.load_dataset(hp.dataset, split=hp.split)
+            if hp.image_column not in ds.column_names:
+                raise ValueError(f"data.image_column={hp.image_column!r} not in {hp.dataset} ({ds.column_names})")
+            caption = hp.caption_column if hp.caption_column in ds.column_names else None
+            if hp.limit:
+                ds = ds.select(range(min(hp.limit, len(ds))))
+            self.images = HFImages(ds, hp.image_column, caption, hp.dataset, resolution)
+        else:
+            items = self._file_items()[: hp.limit]
+            items = self._check(items)
+            self.images = ImageFiles(items, resolution)
+        if len(self.images) == 0:
+            where = hp.root or hp.files or hp.dataset
+            raise ValueError(f"data: no readable images in {where}")
+
+    def rank_indices(self) -> list[int]:
+        """This rank's images: a contiguous-stride slice, so every image goes to exactly one rank."""
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        return list(range(rank, len(self.images), world))
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = RepeatedBatches(self.rank_indices(), self.hparams.batch_size, self.hparams.steps)
+        return DataLoader(self.images, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers)

@@ -1,0 +1,253 @@
+"""PromptInversion: PH2P (Algorithm 1) as a LightningModule whose only parameter is the soft prompt.
+
+Each training batch is a set of images; the DataModule repeats it `steps` times, so one
+training_step is one optimiser step and checkpoints can fall mid-image. The frozen model is
+loaded in `setup` and kept outside the module's state.
+"""
+
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+
+from .backbone import Backbone
+from .optim import BatchedLBFGS
+from .sampler import TimestepSampler, _generator
+from .vocab import Vocabulary
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class PromptInversion(L.LightningModule):
+    """Recover a hard prompt per image by the diffusion loss (PH2P).
+
+    Args:
+        model: diffusers-layout SD checkpoint (folder or hub id); "demo" is the shipped model.
+        prompt_length: free token positions L (the authors' 15: positions 1..15 of 77).
+        init_prompt: caption to start from; None starts from random vocabulary tokens.
+        optimizer: "lbfgs" (the paper's) or "adam" (its Table 4 ablation).
+        lr, max_iter, history_size: L-BFGS step size, closure evaluations a step, memory.
+        steps: optimiser steps per image (N).
+        t_min, t_max: the timestep window [t_a, t_b) (the authors' t ~ U{500..899}).
+        all_timesteps: the "all t" ablation: the window becomes [0, T).
+        draws: (t, noise) pairs averaged in one loss evaluation.
+        resample_each_eval: fresh (t, noise) at every closure evaluation (as the authors' code,
+            which samples inside the forward pass) instead of one set per step.
+        eval_draws: size of the fixed per-image (t, noise) set that scores prompts across steps.
+        metric, ascii_only, whole_words, english_words, allow, deny, no_repeat: the vocabulary.
+        batch_size: images inverted together in one U-Net batch (set from data.batch_size).
+        seed: seeds the sampler and random initialisation, per image id.
+        dtype: dtype of the frozen model; the soft prompt stays float32 (L-BFGS needs it).
+        local_files_only: never reach the hub when loading `model`.
+    """
+
+    def __init__(
+        self,
+        model: str = "demo",
+        prompt_length: int = 15,
+        init_prompt: str | None = "a photo of bus of color .",
+        optimizer: Literal["lbfgs", "adam"] = "lbfgs",
+        lr: float = 0.8,
+        max_iter: int = 20,
+        history_size: int = 100,
+        steps: int = 500,
+        t_min: int = 500,
+        t_max: int = 900,
+        all_timesteps: bool = False,
+        draws: int = 1,
+        resample_each_eval: bool = False,
+        eval_draws: int = 8,
+        metric: Literal["l2", "cosine"] = "l2",
+        ascii_only: bool = True,
+        whole_words: bool = False,
+        english_words: bool = False,
+        allow: list[str] | None = None,
+        deny: list[str] | None = None,
+        no_repeat: bool = False,
+        batch_size: int = 1,
+        seed: int = 0,
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        local_files_only: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.backbone: Backbone | None = None  # not an nn.Module: never in state_dict
+        self.soft_prompt: torch.nn.Parameter | None = None
+        self.image_ids: list[str] = []
+        self.step_in_batch = 0
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        if self.backbone is not None:
+            return
+        hp = self.hparams
+        self.backbone = Backbone.from_pretrained(
+            hp.model, dtype=_DTYPES[hp.dtype], device=self.device, local_files_only=hp.local_files_only
+        )
+        max_free = self.backbone.max_length - 2
+        if not 1 <= hp.prompt_length <= max_free:
+            raise ValueError(
+                f"model.prompt_length={hp.prompt_length}: this tokenizer allows 1..{max_free} "
+                f"(model_max_length {self.backbone.max_length} minus BOS and EOS)"
+            )
+        T = self.backbone.num_train_timesteps
+        t_min, t_max = (0, T) if hp.all_timesteps else (hp.t_min, hp.t_max)
+        if t_max > T:
+            raise ValueError(f"model.t_max={t_max} exceeds the scheduler's {T} training timesteps")
+        self.sampler = TimestepSampler(t_min, t_max, hp.draws, hp.seed, hp.eval_draws)
+        self.vocab = Vocabulary(
+            self.backbone.tokenizer, self.backbone.token_embedding.weight, hp.ascii_only, hp.whole_words,
+            hp.english_words, hp.allow, hp.deny, hp.metric,
+        ).to(self.device)
+        D = self.backbone.token_embedding.embedding_dim
+        self.soft_prompt = torch.nn.Parameter(torch.zeros(hp.batch_size, hp.prompt_length, D))  # (B, L, D)
+        self._frame = self._prompt_frame()
+
+    def _prompt_frame(self) -> dict:
+        """Embeddings around the free positions: [BOS] e_1..e_L [EOS] [pad ...]."""
+        tok, table = self.backbone.tokenizer, self.backbone.token_embedding.weight.detach().float()
+        n_after = self.backbone.max_length - 1 - self.hparams.prompt_length
+        after = [tok.eos_token_id] + [tok.pad_token_id] * (n_after - 1)
+        return {"bos": table[tok.bos_token_id][None, None], "after": table[after][None]}
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        if hp.optimizer == "lbfgs":
+            return BatchedLBFGS(self.soft_prompt, lr=hp.lr, max_iter=hp.max_iter, history_size=hp.history_size)
+        if hp.optimizer == "adam":
+            return torch.optim.Adam([self.soft_prompt], lr=hp.lr)
+        raise ValueError(f"model.optimizer={hp.optimizer!r}: use 'lbfgs' or 'adam'")
+
+    # ---------------------------------------------------------------- the math
+    def full_prompt(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """(b, L, D) free positions -> (b, S, D) text-encoder input."""
+        b = prompt_embeds.shape[0]
+        bos = self._frame["bos"].to(prompt_embeds).expand(b, -1, -1)
+        after = self._frame["after"].to(prompt_embeds).expand(b, -1, -1)
+        return torch.cat([bos, prompt_embeds, after], dim=1)
+
+    def prompt_losses(
+        self, prompt_embeds: torch.Tensor, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Diffusion loss of each image under its prompt, averaged over its K draws: (b,).
+
+        prompt_embeds (b, L, D); latents (b, C, h, w); t (b, K); noise (b, K, C, h, w).
+        """
+        b, K = t.shape
+        hidden = self.backbone.encode_embeddings(self.full_prompt(prompt_embeds))  # (b, S, D)
+        losses = self.backbone.diffusion_loss(
+            latents.repeat_interleave(K, 0), noise.flatten(0, 1), t.flatten(), hidden.repeat_interleave(K, 0)
+        )
+        return losses.view(b, K).mean(1)
+
+    def project(self, soft: torch.Tensor) -> torch.Tensor:
+        """Proj_E: nearest vocabulary token per position, (b, L, D) -> ids (b, L)."""
+        return self.vocab.project_no_repeat(soft) if self.hparams.no_repeat else self.vocab.project(soft)
+
+    def token_embeds(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.token_embedding.weight[ids].detach().float()
+
+    @torch.no_grad()
+    def score(self, ids: torch.Tensor) -> torch.Tensor:
+        """Loss of hard prompts (b, L) on each image's fixed (t, noise) set: (b,)."""
+        t, noise = self._fixed
+        return self.prompt_losses(self.token_embeds(ids), self._latents, t, noise)
+
+    def _draws(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = self.backbone.latent_shape
+        t, noise = zip(*(self.sampler.next(i, shape) for i in self.image_ids))
+        return torch.stack(t).to(self.device), torch.stack(noise).to(self.device)
+
+    # ---------------------------------------------------------------- per batch of images
+    def start_images(self, batch: dict) -> None:
+        """A new batch of images: encode them, initialise their prompts, forget old history."""
+        self.image_ids = list(batch["image_id"])
+        b = len(self.image_ids)
+        self.step_in_batch = 0
+        self.started = time.perf_counter()
+        self._latents = self.backbone.encode_images(batch["pixels"]).float()  # (b, C, h, w)
+        shape = self.backbone.latent_shape
+        t, noise = zip(*(self.sampler.fixed(i, shape) for i in self.image_ids))
+        self._fixed = (torch.stack(t).to(self.device), torch.stack(noise).to(self.device))
+        for i in self.image_ids:
+            self.sampler.reset(i)
+        with torch.no_grad():
+            self.soft_prompt.zero_()
+            self.soft_prompt[:b] = self.token_embeds(self.initial_ids()).to(self.soft_prompt)
+        optimizer = self.optimizers().optimizer
+        optimizer.state.clear()  # each image starts its own L-BFGS / Adam history
+
+    def initial_ids(self) -> torch.Tensor:
+        """(b, L): the init prompt's tokens (padded with random vocabulary tokens), per image."""
+        L_ = self.hparams.prompt_length
+        rows = []
+        for image_id in self.image_ids:
+            g = _generator(self.hparams.seed, "init", image_id)
+            ids = self.vocab.token_ids.cpu()[torch.randint(len(self.vocab), (L_,), generator=g)]
+            if self.hparams.init_prompt:
+                given = self.backbone.tokenizer(self.hparams.init_prompt, add_special_tokens=False).input_ids[:L_]
+                ids[: len(given)] = torch.tensor(given)
+            rows.append(ids)
+        return torch.stack(rows).to(self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict | None:
+        if list(batch["image_id"]) != self.image_ids:
+            self.start_images(batch)
+        elif self.step_in_batch >= self.hparams.steps:
+            return None  # these images stopped early (plateau); their remaining repeats are skipped
+        b = len(self.image_ids)
+        optimizer = self.optimizers()
+        draws = self._draws()
+
+        def closure() -> torch.Tensor:  # Algorithm 1, lines 3-5
+            optimizer.zero_grad()
+            t, noise = self._draws() if self.hparams.resample_each_eval else draws
+            soft = self.soft_prompt[:b]  # ê
+            projected = self.token_embeds(self.project(soft.detach()))  # ẽ = Proj_E(ê)
+            # Delayed projection: the loss is evaluated at ẽ and its gradient is applied to ê.
+            prompt = soft + (projected - soft).detach()
+            losses = self.prompt_losses(prompt, self._latents, t, noise)
+            self.manual_backward(losses.sum())  # sum: each image's gradient is its own
+            return torch.nn.functional.pad(losses.detach(), (0, self.soft_prompt.shape[0] - b))
+
+        losses = optimizer.step(closure=closure)[:b]
+        self.step_in_batch += 1
+        self.log("loss", losses.mean(), prog_bar=True, batch_size=b)
+        finished = self.step_in_batch >= self.hparams.steps
+        return {"losses": losses, "finished": self.results() if finished else []}
+
+    @torch.no_grad()
+    def current_ids(self) -> torch.Tensor:
+        return self.project(self.soft_prompt[: len(self.image_ids)])
+
+    @torch.no_grad()
+    def results(self) -> list[dict]:
+        """One record per image of the current batch: the final projected prompt and its loss."""
+        ids = self.current_ids()
+        losses = self.score(ids)
+        seconds = (time.perf_counter() - self.started) / len(self.image_ids)
+        return [
+            {
+                "image_id": image_id,
+                "prompt": self.vocab.decode(row.tolist()),
+                "token_ids": row.tolist(),
+                "final_prompt": self.vocab.decode(row.tolist()),
+                "final_loss": float(loss),
+                "steps": self.step_in_batch,
+                "seconds": round(seconds, 3),
+            }
+            for image_id, row, loss in zip(self.image_ids, ids, losses)
+        ]
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ph2p"] = {
+            "image_ids": self.image_ids,
+            "step_in_batch": self.step_in_batch,
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored = checkpoint.get("ph2p")

@@ -1,0 +1,130 @@
+"""The projection vocabulary: which tokens a prompt may use, nearest-token projection, decoding.
+
+The embedding table comes from the loaded text encoder (no separate vocabulary file); filters
+decide which rows are candidates; special tokens are never candidates.
+"""
+
+import re
+
+import torch
+from transformers import CLIPTokenizer
+
+_WORD_END = "</w>"
+
+
+def _is_whole_word(token: str) -> bool:
+    return token.endswith(_WORD_END)
+
+
+def _is_english_word(token: str) -> bool:
+    return _is_whole_word(token) and re.fullmatch(r"[a-z]{2,}|a|i", token[: -len(_WORD_END)]) is not None
+
+
+class Vocabulary:
+    """Candidate tokens and their embeddings; projects continuous prompts onto them.
+
+    Args:
+        tokenizer, embedding_table: the model's; the table is (V, D).
+        ascii_only: drop tokens with non-ASCII characters.
+        whole_words: keep only tokens that end a word (no sub-word pieces).
+        english_words: keep only whole words made of letters a-z (implies whole_words).
+        allow: if given, only these words (each must be one token).
+        deny: words never to use.
+        metric: "l2" (the paper's) or "cosine".
+    """
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        embedding_table: torch.Tensor,
+        ascii_only: bool = False,
+        whole_words: bool = False,
+        english_words: bool = False,
+        allow: list[str] | None = None,
+        deny: list[str] | None = None,
+        metric: str = "l2",
+    ):
+        if metric not in ("l2", "cosine"):
+            raise ValueError(f"vocabulary metric {metric!r}: use 'l2' or 'cosine'")
+        self.tokenizer, self.metric = tokenizer, metric
+        tokens = tokenizer.convert_ids_to_tokens(list(range(embedding_table.shape[0])))
+        keep = torch.ones(len(tokens), dtype=torch.bool)
+        keep[list(set(tokenizer.all_special_ids))] = False
+        for i, tok in enumerate(tokens):
+            if tok is None or (ascii_only and not tok.isascii()):
+                keep[i] = False
+            elif (whole_words and not _is_whole_word(tok)) or (english_words and not _is_english_word(tok)):
+                keep[i] = False
+        if allow:
+            allowed = torch.zeros_like(keep)
+            allowed[self.word_ids(allow)] = True
+            keep &= allowed
+        if deny:
+            keep[self.word_ids(deny)] = False
+        self.token_ids = keep.nonzero().squeeze(1)  # (K,)
+        if len(self.token_ids) == 0:
+            raise ValueError("the vocabulary filters leave no token: loosen allow/deny/whole_words/english_words")
+        self.embeddings = embedding_table.detach()[self.token_ids].float()  # (K, D)
+        self._unit = torch.nn.functional.normalize(self.embeddings, dim=-1)
+        self._sq_norms = self.embeddings.pow(2).sum(-1)  # (K,)
+
+    def word_ids(self, words: list[str]) -> list[int]:
+        ids = []
+        for word in words:
+            pieces = self.tokenizer(word, add_special_tokens=False).input_ids
+            if len(pieces) != 1:
+                raise ValueError(f"vocabulary word {word!r} is {len(pieces)} tokens; list single-token words")
+            ids.append(pieces[0])
+        return ids
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def to(self, device: torch.device) -> "Vocabulary":
+        for name in ("token_ids", "embeddings", "_unit", "_sq_norms"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @torch.no_grad()
+    def scores(self, soft: torch.Tensor) -> torch.Tensor:
+        """Similarity of each position to each candidate, larger is nearer: (..., K)."""
+        soft = soft.float()
+        if self.metric == "cosine":
+            return torch.nn.functional.normalize(soft, dim=-1) @ self._unit.T
+        # argmin ||e - v||^2 = argmax (2 e.v - ||v||^2): one matmul, no (N, K, D) tensor
+        return 2 * soft @ self.embeddings.T - self._sq_norms
+
+    @torch.no_grad()
+    def project(self, soft: torch.Tensor, forbid: torch.Tensor | None = None) -> torch.Tensor:
+        """Nearest candidate token id per position: (..., D) -> (...,).
+
+        forbid: optional boolean (..., K) mask of candidates a position may not take
+        (used for no-repeat prompts).
+        """
+        scores = self.scores(soft)
+        if forbid is not None:
+            scores = scores.masked_fill(forbid, float("-inf"))
+        return self.token_ids[scores.argmax(-1)]
+
+    @torch.no_grad()
+    def project_no_repeat(self, soft: torch.Tensor) -> torch.Tensor:
+        """Like `project`, but no token twice in one prompt; (B, L, D) -> (B, L).
+
+        Positions claim tokens greedily, most confident first.
+        """
+        scores = self.scores(soft)  # (B, L, K)
+        B, L, K = scores.shape
+        ids = torch.empty(B, L, dtype=torch.long, device=scores.device)
+        for b in range(B):
+            s = scores[b].clone()
+            for _ in range(L):
+                flat = s.argmax()
+                pos, k = divmod(int(flat), K)
+                ids[b, pos] = self.token_ids[k]
+                s[pos] = float("-inf")
+                s[:, k] = float("-inf")
+        return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids -> clean text, as the tokenizer decodes (no special tokens, spaces fixed)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()

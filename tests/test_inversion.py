@@ -1,0 +1,112 @@
+from unittest import mock
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ph2p_lit.callbacks import BestPromptTracker, ResultsWriter, read_jsonl
+from ph2p_lit.data import ImageDataModule
+from ph2p_lit.inversion import PromptInversion
+from ph2p_lit.optim import BatchedLBFGS
+
+
+def _module(tiny_model, **kw):
+    args = dict(model=tiny_model, prompt_length=4, steps=3, max_iter=2, local_files_only=True, init_prompt=None)
+    return PromptInversion(**{**args, **kw})
+
+
+def _fit(module, image_folder, tmp_path, callbacks=(), limit=None, **trainer_kw):
+    data = ImageDataModule(root=image_folder, batch_size=module.hparams.batch_size, steps=module.hparams.steps,
+                           model=module.hparams.model, limit=limit)
+    kw = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=list(callbacks), **{**kw, **trainer_kw})
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_only_the_soft_prompt_is_a_parameter(tiny_model):
+    module = _module(tiny_model, batch_size=2)
+    module.setup("fit")
+    assert [name for name, _ in module.named_parameters()] == ["soft_prompt"]
+    assert list(module.state_dict()) == ["soft_prompt"]
+    assert module.soft_prompt.shape == (2, 4, module.backbone.token_embedding.embedding_dim)
+
+
+def test_prompt_length_is_checked_against_the_tokenizer(tiny_model):
+    for bad in (0, 15):  # the tiny tokenizer's 16 positions leave 1..14 free
+        with pytest.raises(ValueError, match="prompt_length"):
+            _module(tiny_model, prompt_length=bad).setup("fit")
+
+
+def test_closure_runs_max_iter_times_per_step(tiny_model, image_folder, tmp_path):
+    module = _module(tiny_model, steps=2, max_iter=4)
+    with mock.patch.object(module, "prompt_losses", wraps=module.prompt_losses) as losses:
+        _fit(module, image_folder, tmp_path, limit=1)
+    # 2 steps x 4 closure evaluations; scoring for results adds none (it is not in the closure)
+    closure_calls = [c for c in losses.call_args_list if c.args[0].requires_grad]
+    assert len(closure_calls) == 2 * 4
+
+
+def test_lbfgs_on_the_continuous_prompt_lowers_a_fixed_loss(tiny_model):
+    module = _module(tiny_model)
+    module.setup("fit")
+    torch.manual_seed(0)
+    latents = module.backbone.encode_images(torch.rand(1, 3, 16, 16) * 2 - 1)
+    t, noise = module.sampler.fixed("x", module.backbone.latent_shape)
+    t, noise = t[None], noise[None]
+    prompt = torch.nn.Parameter(torch.randn(1, 4, module.soft_prompt.shape[-1]) * 0.1)
+    opt = BatchedLBFGS(prompt, lr=0.5, max_iter=10)
+
+    def closure():
+        opt.zero_grad()
+        losses = module.prompt_losses(prompt, latents, t, noise)
+        losses.sum().backward()
+        return losses
+
+    before = float(closure())
+    for _ in range(3):
+        opt.step(closure)
+    assert float(closure()) < before
+
+
+def test_projected_tokens_change_over_a_run(tiny_model, image_folder, tmp_path):
+    module = _module(tiny_model, steps=6, max_iter=5, lr=50.0)
+    _fit(module, image_folder, tmp_path, callbacks=[ResultsWriter()], limit=1)
+    module.image_ids = ["img0.png"]
+    initial = module.initial_ids()[0].tolist()
+    final = read_jsonl(tmp_path / "prompts.jsonl")[0]["token_ids"]
+    assert final != initial
+
+
+def test_checkpoint_holds_prompt_and_optimizer_but_no_frozen_model(tiny_model, image_folder, tmp_path):
+    module = _module(tiny_model, steps=4, batch_size=2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    _fit(module, image_folder, tmp_path, callbacks=[ckpt], limit=2, enable_checkpointing=True)
+    path = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"  # written mid-inversion: step 2 of 4
+    checkpoint = torch.load(path, weights_only=False)
+    assert list(checkpoint["state_dict"]) == ["soft_prompt"]
+    opt_state = checkpoint["optimizer_states"][0]["state"][0]
+    assert {"S", "Y", "rho", "n_iter"} <= set(opt_state)
+    assert checkpoint["ph2p"]["step_in_batch"] == 2
+    frozen = sum(p.numel() for m in (module.backbone.unet, module.backbone.vae, module.backbone.text_encoder)
+                 for p in m.parameters())
+    stored = sum(t.numel() for t in checkpoint["state_dict"].values())
+    assert stored == 2 * 4 * module.soft_prompt.shape[-1] < frozen
+
+
+def test_batch_of_images_equals_one_at_a_time(tiny_model, image_folder, tmp_path):
+    prompts = {}
+    for batch_size in (1, 2):
+        out = tmp_path / f"b{batch_size}"
+        module = _module(tiny_model, steps=3, max_iter=3, lr=20.0, batch_size=batch_size)
+        _fit(module, image_folder, out, callbacks=[BestPromptTracker(every_n_steps=1), ResultsWriter()], limit=2)
+        prompts[batch_size] = {r["image_id"]: r["token_ids"] for r in read_jsonl(out / "prompts.jsonl")}
+    assert prompts[1] == prompts[2] and len(prompts[1]) == 2
+
+
+def test_adam_ablation_runs_one_evaluation_per_step(tiny_model, image_folder, tmp_path):
+    module = _module(tiny_model, optimizer="adam", lr=0.05, steps=3)
+    with mock.patch.object(module, "prompt_losses", wraps=module.prompt_losses) as losses:
+        _fit(module, image_folder, tmp_path, limit=1)
+    assert len([c for c in losses.call_args_list if c.args[0].requires_grad]) == 3
