@@ -1,0 +1,56 @@
+import subprocess
+import sys
+
+import pytest
+
+from ph2p_lit.callbacks import read_jsonl
+from ph2p_lit.cli import main
+
+PH2P = [sys.executable, "-m", "ph2p_lit.cli"]
+
+
+def _run(args, **kw):
+    return subprocess.run(PH2P + args, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_help_lists_invert(capsys):
+    main(["--help"])
+    assert "invert" in capsys.readouterr().out
+
+
+def test_unknown_command_is_one_clear_line():
+    with pytest.raises(SystemExit, match="unknown command 'inverse'"):
+        main(["inverse"])
+
+
+def test_print_config_round_trip_and_results_per_image(tiny_model, image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["invert", f"--model.model={tiny_model}", "--model.prompt_length=3", "--model.steps=2",
+            "--model.max_iter=2", "--model.english_words=true", f"--data.root={image_folder}",
+            f"--trainer.default_root_dir={run_dir}"]
+    printed = _run(args + ["--print_config"])
+    assert printed.returncode == 0, printed.stderr
+    config = tmp_path / "config.yaml"
+    config.write_text(printed.stdout)
+    result = _run(["invert", f"--config={config}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(run_dir / "prompts.jsonl")
+    assert sorted(r["image_id"] for r in rows) == [f"img{i}.png" for i in range(4)]
+    assert (run_dir / "config.yaml").is_file()
+    from ph2p_lit.backbone import Backbone
+    from ph2p_lit.vocab import Vocabulary
+
+    backbone = Backbone.from_pretrained(tiny_model)
+    allowed = set(Vocabulary(backbone.tokenizer, backbone.token_embedding.weight, english_words=True,
+                             ascii_only=True).token_ids.tolist())
+    for r in rows:
+        assert r["prompt"].strip() and 1 <= len(r["token_ids"]) <= 3
+        assert set(r["token_ids"]) <= allowed
+        assert r["caption"] == f"caption {r['image_id'][3]}"
+        assert r["steps"] == 2 and r["seconds"] > 0 and r["best_loss"] <= r["final_loss"] + 1e-6
+
+
+def test_mistyped_key_is_reported_without_traceback(tiny_model, image_folder):
+    result = _run(["invert", f"--model.model={tiny_model}", f"--data.root={image_folder}", "--model.promt_length=3"])
+    assert result.returncode != 0
+    assert "promt_length" in result.stderr and "Traceback" not in result.stderr
