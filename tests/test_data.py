@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ph2p_lit.data import ImageDataModule, RepeatedBatches
+
+
+def _folder(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(root / "rgb.png")
+    Image.fromarray(rng.integers(0, 255, (30, 40, 4), dtype=np.uint8), "RGBA").save(root / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (30, 40), dtype=np.uint8), "L").save(root / "gray.jpg")
+    Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)).save(root / "sub" / "deep16.png")
+    Image.fromarray(rng.integers(0, 255, (1, 1, 3), dtype=np.uint8)).convert("P").save(root / "tiny.gif")
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "pic.webp")
+    (root / "broken.png").write_bytes(b"not an image at all")
+    (root / "notes.md").write_text("ignored: not an image extension")
+    (root / "pic.txt").write_text("a caption beside the image")
+    return root
+
+
+def test_every_mode_converted_and_broken_files_listed(tmp_path):
+    dm = ImageDataModule(root=str(_folder(tmp_path)), resolution=16)
+    dm.setup()
+    ids = [item["image_id"] for item in dm.images.items]
+    assert ids == sorted(["gray.jpg", "pic.webp", "rgb.png", "rgba.png", "sub/deep16.png", "tiny.gif"])
+    for i in range(len(dm.images)):
+        pixels = dm.images[i]["pixels"]
+        assert pixels.shape == (3, 16, 16) and pixels.min() >= -1 and pixels.max() <= 1
+    assert [f["image_id"] for f in dm.failures] == ["broken.png"]
+    assert dm.images[ids.index("pic.webp")]["caption"] == "a caption beside the image"
+
+
+def test_sixteen_bit_keeps_its_range(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(root / "white16.png")
+    dm = ImageDataModule(root=str(root), resolution=4)
+    dm.setup()
+    assert torch.allclose(dm.images[0]["pixels"], torch.ones(3, 4, 4))
+
+
+def test_empty_and_missing_folders_are_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no readable images"):
+        ImageDataModule(root=str(tmp_path / "empty"), resolution=8).setup()
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        ImageDataModule(root=str(tmp_path / "missing"), resolution=8).setup()
+    with pytest.raises(ValueError, match="exactly one"):
+        ImageDataModule(root="a", files=["b"])
+
+
+def test_file_list_and_hf_imagefolder(tmp_path, image_folder):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{image_folder}/img1.png\n{image_folder}/img0.png\n")
+    dm = ImageDataModule(files=str(listing), resolution=8)
+    dm.setup()
+    assert len(dm.images) == 2
+    hf = ImageDataModule(dataset=image_folder, resolution=8)
+    hf.setup()
+    assert len(hf.images) == 4 and hf.images[0]["pixels"].shape == (3, 8, 8)
+    assert hf.images[0]["caption"].startswith("caption")
+
+
+def test_each_batch_repeats_once_per_step():
+    batches = list(RepeatedBatches([0, 1, 2], batch_size=2, repeats=3))
+    assert batches == [[0, 1]] * 3 + [[2]] * 3
