@@ -11,12 +11,22 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 
+from .errors import InputError
+
 DEMO_MODEL = str(Path(__file__).parent / "demo" / "model")
 
 
 def resolve_model(model: str) -> str:
-    """`demo` names the model shipped with the package; anything else is a path or hub id."""
-    return DEMO_MODEL if model == "demo" else model
+    """`demo` names the model shipped with the package; a path must be a diffusers pipeline folder;
+    anything else is a hub id."""
+    path = DEMO_MODEL if model == "demo" else model
+    looks_like_path = Path(path).is_absolute() or path.startswith(".") or Path(path).exists()
+    if looks_like_path and not (Path(path) / "unet").is_dir():
+        raise InputError(
+            f"model {model!r}: no diffusers pipeline folder at {path} "
+            "(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    return path
 
 
 @dataclass
@@ -37,20 +47,21 @@ class Backbone:
     ) -> "Backbone":
         """Load a diffusers-layout Stable Diffusion checkpoint (folder or hub id), frozen."""
         path = resolve_model(model)
-        if Path(path).is_absolute() or path.startswith("."):
-            if not (Path(path) / "model_index.json").is_file() and not (Path(path) / "unet").is_dir():
-                raise FileNotFoundError(
-                    f"model {model!r}: no diffusers pipeline folder at {path} "
-                    "(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-                )
         kw = dict(local_files_only=local_files_only)
-        backbone = cls(
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw),
-            scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
-        )
+        try:
+            backbone = cls(
+                tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+                text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw),
+                unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw),
+                vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw),
+                scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+            )
+        except OSError as e:  # missing file, unknown hub id, no network: hub errors span many lines
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(
+                f"model {model!r}: cannot load it ({reason}). Give a diffusers pipeline folder, or a hub id "
+                "that is in the local cache (local_files_only=true) or reachable online"
+            ) from e
         return backbone.to(device)
 
     def to(self, device: str | torch.device) -> "Backbone":
@@ -150,7 +161,7 @@ class Backbone:
         if kind == "v_prediction":
             a = self._alphas_cumprod[t].view(-1, *[1] * (latents.dim() - 1)).to(latents.dtype)
             return a.sqrt() * noise - (1 - a).sqrt() * latents
-        raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
+        raise InputError(f"scheduler prediction_type {kind!r} is not supported (epsilon or v_prediction)")
 
     def diffusion_loss(
         self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor

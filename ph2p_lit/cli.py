@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import read_jsonl
 from .data import ImageDataModule
+from .errors import InputError
 from .inversion import PromptInversion
 
 COMMANDS = {
@@ -90,7 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"ph2p: unknown command {argv[0]!r}")
         return
-    {"invert": invert, "train-demo": train_demo}[argv[0]](argv[1:])
+    try:
+        {"invert": invert, "train-demo": train_demo}[argv[0]](argv[1:])
+    except InputError as e:
+        raise SystemExit(f"ph2p {argv[0]}: error: {e}") from None
 
 
 if __name__ == "__main__":

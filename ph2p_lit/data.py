@@ -14,6 +14,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -148,7 +150,7 @@ class ImageDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if sum(x is not None for x in (root, files, dataset)) != 1:
-            raise ValueError("data: give exactly one of data.root (a folder), data.files or data.dataset")
+            raise InputError("data: give exactly one of data.root (a folder), data.files or data.dataset")
         self.save_hyperparameters()
         self.failures: list[dict] = []
 
@@ -159,9 +161,13 @@ class ImageDataModule(L.LightningDataModule):
 
         from .backbone import resolve_model
 
-        config = AutoencoderKL.load_config(
-            resolve_model(self.hparams.model), subfolder="vae", local_files_only=self.hparams.local_files_only
-        )
+        try:
+            config = AutoencoderKL.load_config(
+                resolve_model(self.hparams.model), subfolder="vae", local_files_only=self.hparams.local_files_only
+            )
+        except OSError as e:
+            raise InputError(f"data.model={self.hparams.model!r}: cannot read its vae/config.json to find the "
+                             "resolution; set data.resolution or give a loadable model") from e
         return int(config["sample_size"])
 
     def _file_items(self) -> list[dict]:
@@ -169,7 +175,7 @@ class ImageDataModule(L.LightningDataModule):
         if hp.root is not None:
             root = Path(hp.root)
             if not root.is_dir():
-                raise FileNotFoundError(f"data.root={hp.root}: no such folder")
+                raise InputError(f"data.root={hp.root}: no such folder")
             paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
             captions = read_captions(root)
         else:
@@ -177,7 +183,7 @@ class ImageDataModule(L.LightningDataModule):
             if isinstance(files, str):
                 listing = Path(files)
                 if not listing.is_file():
-                    raise FileNotFoundError(f"data.files={files}: no such list file")
+                    raise InputError(f"data.files={files}: no such list file")
                 files = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
             paths, root, captions = [Path(f) for f in files], None, {}
         items = []
@@ -210,7 +216,7 @@ class ImageDataModule(L.LightningDataModule):
 
             ds = datasets.load_dataset(hp.dataset, split=hp.split)
             if hp.image_column not in ds.column_names:
-                raise ValueError(f"data.image_column={hp.image_column!r} not in {hp.dataset} ({ds.column_names})")
+                raise InputError(f"data.image_column={hp.image_column!r} not in {hp.dataset} ({ds.column_names})")
             caption = hp.caption_column if hp.caption_column in ds.column_names else None
             if hp.limit:
                 ds = ds.select(range(min(hp.limit, len(ds))))
@@ -221,7 +227,7 @@ class ImageDataModule(L.LightningDataModule):
             self.images = ImageFiles(items, resolution)
         if len(self.images) == 0:
             where = hp.root or hp.files or hp.dataset
-            raise ValueError(f"data: no readable images in {where}")
+            raise InputError(f"data: no readable images in {where}")
 
     def rank_indices(self) -> list[int]:
         """This rank's images: a contiguous-stride slice, so every image goes to exactly one rank."""

@@ -8,6 +8,8 @@ import hashlib
 
 import torch
 
+from .errors import InputError
+
 
 def _generator(*key) -> torch.Generator:
     digest = hashlib.sha256(repr(key).encode()).digest()
@@ -23,9 +25,9 @@ class TimestepSampler:
 
     def __init__(self, t_min: int = 500, t_max: int = 900, draws: int = 1, seed: int = 0, eval_draws: int = 8):
         if not 0 <= t_min < t_max:
-            raise ValueError(f"timestep window [{t_min}, {t_max}) is empty or negative")
+            raise InputError(f"timestep window [{t_min}, {t_max}) is empty or negative")
         if draws < 1 or eval_draws < 1:
-            raise ValueError("draws and eval_draws must be at least 1")
+            raise InputError("draws and eval_draws must be at least 1")
         self.t_min, self.t_max, self.draws, self.seed, self.eval_draws = t_min, t_max, draws, seed, eval_draws
         self.position: dict[str, int] = {}
 

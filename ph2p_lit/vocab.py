@@ -9,6 +9,8 @@ import re
 import torch
 from transformers import CLIPTokenizer
 
+from .errors import InputError
+
 _WORD_END = "</w>"
 
 
@@ -45,7 +47,7 @@ class Vocabulary:
         metric: str = "l2",
     ):
         if metric not in ("l2", "cosine"):
-            raise ValueError(f"vocabulary metric {metric!r}: use 'l2' or 'cosine'")
+            raise InputError(f"vocabulary metric {metric!r}: use 'l2' or 'cosine'")
         self.tokenizer, self.metric = tokenizer, metric
         tokens = tokenizer.convert_ids_to_tokens(list(range(embedding_table.shape[0])))
         keep = torch.ones(len(tokens), dtype=torch.bool)
@@ -63,7 +65,7 @@ class Vocabulary:
             keep[self.word_ids(deny)] = False
         self.token_ids = keep.nonzero().squeeze(1)  # (K,)
         if len(self.token_ids) == 0:
-            raise ValueError("the vocabulary filters leave no token: loosen allow/deny/whole_words/english_words")
+            raise InputError("the vocabulary filters leave no token: loosen allow/deny/whole_words/english_words")
         self.embeddings = embedding_table.detach()[self.token_ids].float()  # (K, D)
         self._unit = torch.nn.functional.normalize(self.embeddings, dim=-1)
         self._sq_norms = self.embeddings.pow(2).sum(-1)  # (K,)
@@ -73,7 +75,7 @@ class Vocabulary:
         for word in words:
             pieces = self.tokenizer(word, add_special_tokens=False).input_ids
             if len(pieces) != 1:
-                raise ValueError(f"vocabulary word {word!r} is {len(pieces)} tokens; list single-token words")
+                raise InputError(f"vocabulary word {word!r} is {len(pieces)} tokens; list single-token words")
             ids.append(pieces[0])
         return ids
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ph2p_lit.backbone import Backbone
+from ph2p_lit.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -44,5 +45,5 @@ def test_v_prediction_target_read_from_scheduler(backbone):
 
 
 def test_missing_model_folder_says_what_is_expected(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no diffusers pipeline folder"):
+    with pytest.raises(InputError, match="no diffusers pipeline folder"):
         Backbone.from_pretrained(str(tmp_path / "nowhere"))

@@ -54,3 +54,15 @@ def test_mistyped_key_is_reported_without_traceback(tiny_model, image_folder):
     result = _run(["invert", f"--model.model={tiny_model}", f"--data.root={image_folder}", "--model.promt_length=3"])
     assert result.returncode != 0
     assert "promt_length" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override, named", [
+    ("--data.root=/no/such/folder", "data.root=/no/such/folder"),
+    ("--model.model=/no/such/model", "/no/such/model"),
+    ("--model.t_max=5000", "model.t_max=5000"),
+])
+def test_bad_input_is_one_line_naming_the_key(tiny_model, image_folder, override, named):
+    result = _run(["invert", f"--model.model={tiny_model}", f"--data.root={image_folder}", "--model.steps=1",
+                   "--model.max_iter=1", "--model.prompt_length=2", override])
+    assert result.returncode != 0
+    assert named in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]

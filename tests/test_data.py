@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from ph2p_lit.data import ImageDataModule, RepeatedBatches
+from ph2p_lit.errors import InputError
 
 
 def _folder(tmp_path):
@@ -47,7 +48,7 @@ def test_empty_and_missing_folders_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no readable images"):
         ImageDataModule(root=str(tmp_path / "empty"), resolution=8).setup()
-    with pytest.raises(FileNotFoundError, match="no such folder"):
+    with pytest.raises(InputError, match="no such folder"):
         ImageDataModule(root=str(tmp_path / "missing"), resolution=8).setup()
     with pytest.raises(ValueError, match="exactly one"):
         ImageDataModule(root="a", files=["b"])
