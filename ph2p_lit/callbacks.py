@@ -148,7 +148,7 @@ class PromptProgressBar(TQDMProgressBar):
         loader = trainer.train_dataloader
         if loader is not None:
             n_images = sum(len(b) for b in loader.batch_sampler.batches)
-            batch_index = trainer.global_step // max(pl_module.hparams.steps, 1)
+            batch_index = trainer.fit_loop.epoch_loop.batch_progress.current.completed // max(pl_module.hparams.steps, 1)
             first = min(batch_index * pl_module.hparams.batch_size + 1, n_images)
             metrics["image"] = f"{first}/{n_images}"
         if pl_module.image_ids:

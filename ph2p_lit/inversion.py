@@ -12,7 +12,8 @@ import lightning as L
 import torch
 
 from .backbone import Backbone
-from .optim import BatchedLBFGS
+from .errors import InputError
+from .optim import BatchedLBFGS, PH2PStep
 from .sampler import TimestepSampler, _generator
 from .vocab import Vocabulary
 
@@ -26,14 +27,21 @@ class PromptInversion(L.LightningModule):
         model: diffusers-layout SD checkpoint (folder or hub id); "demo" is the shipped model.
         prompt_length: free token positions L (the authors' 15: positions 1..15 of 77).
         init_prompt: caption to start from; None starts from random vocabulary tokens.
-        optimizer: "lbfgs" (the paper's) or "adam" (its Table 4 ablation).
-        lr, max_iter, history_size: L-BFGS step size, closure evaluations a step, memory.
+        optimizer: "ph2p": the authors' update (docs/ARCHITECTURE.md): after every closure
+            evaluation, ê ← ê − lr · ∇ẽ L, `max_iter` evaluations a step, which is what their
+            L-BFGS loop computes once its own writes are overwritten by the projection;
+            "lbfgs": a true per-image L-BFGS step on ê (BatchedLBFGS) with a trust region;
+            "adam": the paper's Table 4 ablation.
+        lr, max_iter: step size and closure evaluations a step (max_iter is ignored by adam).
+        history_size, max_step: L-BFGS memory, and its trust region: no position moves further
+            than max_step x the median vocabulary embedding norm in one iteration (None: none).
         steps: optimiser steps per image (N).
         t_min, t_max: the timestep window [t_a, t_b) (the authors' t ~ U{500..899}).
         all_timesteps: the "all t" ablation: the window becomes [0, T).
         draws: (t, noise) pairs averaged in one loss evaluation.
         resample_each_eval: fresh (t, noise) at every closure evaluation (as the authors' code,
-            which samples inside the forward pass) instead of one set per step.
+            which samples inside the forward pass) instead of one set per step; None: fresh for
+            "ph2p", one set per step for "lbfgs" (its curvature pairs need one function a step).
         eval_draws: size of the fixed per-image (t, noise) set that scores prompts across steps.
         metric, ascii_only, whole_words, english_words, allow, deny, no_repeat: the vocabulary.
         batch_size: images inverted together in one U-Net batch (set from data.batch_size).
@@ -47,16 +55,17 @@ class PromptInversion(L.LightningModule):
         model: str = "demo",
         prompt_length: int = 15,
         init_prompt: str | None = "a photo of bus of color .",
-        optimizer: Literal["lbfgs", "adam"] = "lbfgs",
+        optimizer: Literal["ph2p", "lbfgs", "adam"] = "ph2p",
         lr: float = 0.8,
         max_iter: int = 20,
         history_size: int = 100,
+        max_step: float | None = 0.5,
         steps: int = 500,
         t_min: int = 500,
         t_max: int = 900,
         all_timesteps: bool = False,
         draws: int = 1,
-        resample_each_eval: bool = False,
+        resample_each_eval: bool | None = None,
         eval_draws: int = 8,
         metric: Literal["l2", "cosine"] = "l2",
         ascii_only: bool = True,
@@ -88,14 +97,14 @@ class PromptInversion(L.LightningModule):
         )
         max_free = self.backbone.max_length - 2
         if not 1 <= hp.prompt_length <= max_free:
-            raise ValueError(
+            raise InputError(
                 f"model.prompt_length={hp.prompt_length}: this tokenizer allows 1..{max_free} "
                 f"(model_max_length {self.backbone.max_length} minus BOS and EOS)"
             )
         T = self.backbone.num_train_timesteps
         t_min, t_max = (0, T) if hp.all_timesteps else (hp.t_min, hp.t_max)
         if t_max > T:
-            raise ValueError(f"model.t_max={t_max} exceeds the scheduler's {T} training timesteps")
+            raise InputError(f"model.t_max={t_max} exceeds the scheduler's {T} training timesteps")
         self.sampler = TimestepSampler(t_min, t_max, hp.draws, hp.seed, hp.eval_draws)
         self.vocab = Vocabulary(
             self.backbone.tokenizer, self.backbone.token_embedding.weight, hp.ascii_only, hp.whole_words,
@@ -114,11 +123,20 @@ class PromptInversion(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        if hp.optimizer == "ph2p":
+            return PH2PStep(self.soft_prompt, lr=hp.lr, max_iter=hp.max_iter)  # ê ← ê − lr·g, g taken at ẽ
         if hp.optimizer == "lbfgs":
-            return BatchedLBFGS(self.soft_prompt, lr=hp.lr, max_iter=hp.max_iter, history_size=hp.history_size)
+            max_step = None if hp.max_step is None else hp.max_step * float(self.vocab.embeddings.norm(dim=-1).median())
+            return BatchedLBFGS(self.soft_prompt, lr=hp.lr, max_iter=hp.max_iter, history_size=hp.history_size,
+                                max_step=max_step)
         if hp.optimizer == "adam":
             return torch.optim.Adam([self.soft_prompt], lr=hp.lr)
-        raise ValueError(f"model.optimizer={hp.optimizer!r}: use 'lbfgs' or 'adam'")
+        raise InputError(f"model.optimizer={hp.optimizer!r}: use 'ph2p', 'lbfgs' or 'adam'")
+
+    @property
+    def fresh_draws(self) -> bool:
+        fresh = self.hparams.resample_each_eval
+        return self.hparams.optimizer == "ph2p" if fresh is None else fresh
 
     # ---------------------------------------------------------------- the math
     def full_prompt(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
@@ -199,11 +217,11 @@ class PromptInversion(L.LightningModule):
             return None  # these images stopped early (plateau); their remaining repeats are skipped
         b = len(self.image_ids)
         optimizer = self.optimizers()
-        draws = self._draws()
+        draws = None if self.fresh_draws else self._draws()
 
         def closure() -> torch.Tensor:  # Algorithm 1, lines 3-5
             optimizer.zero_grad()
-            t, noise = self._draws() if self.hparams.resample_each_eval else draws
+            t, noise = self._draws() if self.fresh_draws else draws
             soft = self.soft_prompt[:b]  # ê
             projected = self.token_embeds(self.project(soft.detach()))  # ẽ = Proj_E(ê)
             # Delayed projection: the loss is evaluated at ẽ and its gradient is applied to ê.
@@ -212,7 +230,7 @@ class PromptInversion(L.LightningModule):
             self.manual_backward(losses.sum())  # sum: each image's gradient is its own
             return torch.nn.functional.pad(losses.detach(), (0, self.soft_prompt.shape[0] - b))
 
-        losses = optimizer.step(closure=closure)[:b]
+        losses = optimizer.step(closure=closure)[:b]  # ph2p, lbfgs: max_iter evaluations; adam: one
         self.step_in_batch += 1
         self.log("loss", losses.mean(), prog_bar=True, batch_size=b)
         finished = self.step_in_batch >= self.hparams.steps

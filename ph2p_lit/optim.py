@@ -1,5 +1,8 @@
-"""Batched per-image L-BFGS: B independent L-BFGS problems stepped together in one closure.
+"""Optimisers of the soft prompt that take a closure and evaluate it several times a step.
 
+PH2PStep: the authors' effective update (docs/ARCHITECTURE.md), max_iter gradient steps a step.
+
+BatchedLBFGS: B independent L-BFGS problems stepped together in one closure.
 torch.optim.LBFGS flattens all parameters into one vector, so images batched together would share
 one curvature history and one stopping rule and the prompt of an image would depend on its
 batch mates. This optimiser keeps one history per row of a (B, ...) parameter and follows
@@ -10,11 +13,39 @@ steps as torch's.
 import torch
 
 
+class PH2PStep(torch.optim.Optimizer):
+    """`max_iter` times per step: evaluate the closure, then p ← p − lr · p.grad.
+
+    With the closure's gradient taken at the projected prompt, this is what the authors' LBFGS
+    loop computes once the projection overwrites L-BFGS's own writes. One `step` is one optimiser
+    step (Lightning counts it once), however many evaluations it holds. Returns the losses of the
+    first evaluation, as torch's LBFGS does.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: float = 0.8, max_iter: int = 20):
+        super().__init__([param], dict(lr=lr, max_iter=max_iter))
+
+    @torch.no_grad()
+    def step(self, closure):
+        group = self.param_groups[0]
+        (p,) = group["params"]
+        first = None
+        for _ in range(group["max_iter"]):
+            with torch.enable_grad():
+                losses = closure()
+            first = losses if first is None else first
+            p.add_(p.grad, alpha=-group["lr"])
+        return first
+
+
 class BatchedLBFGS(torch.optim.Optimizer):
     """L-BFGS over the rows of one (B, ...) parameter; the closure returns per-row losses (B,).
 
     A row stops for the current `step` when torch's LBFGS would stop (gradient or change below
     tolerance); the others go on. Inactive rows are not moved.
+
+    max_step: if set, a trust region: the step size of a row is cut so that no vector along the
+    parameter's last dimension (one token position) moves further than this. None is torch's rule.
     """
 
     def __init__(
@@ -25,9 +56,11 @@ class BatchedLBFGS(torch.optim.Optimizer):
         history_size: int = 100,
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
+        max_step: float | None = None,
     ):
         super().__init__([param], dict(lr=lr, max_iter=max_iter, history_size=history_size,
-                                       tolerance_grad=tolerance_grad, tolerance_change=tolerance_change))
+                                       tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                                       max_step=max_step))
         self._param = param
 
     def reset_rows(self, rows: torch.Tensor | list[int]) -> None:
@@ -113,6 +146,9 @@ class BatchedLBFGS(torch.optim.Optimizer):
             state["d"] = torch.where(active[:, None], d, state["d"])
             state["prev_grad"] = torch.where(active[:, None], grad, state["prev_grad"])
             t = torch.where(first, torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * g["lr"], torch.full_like(state["t"], g["lr"]))
+            if g["max_step"] is not None:
+                longest = state["d"].view(*p.shape).norm(dim=-1).flatten(1).amax(1)  # (B,)
+                t = torch.minimum(t, g["max_step"] / longest.clamp_min(1e-12))
             state["t"] = torch.where(active, t, state["t"])
             gtd = (grad * state["d"]).sum(1)
             active &= gtd <= -g["tolerance_change"]  # not a descent direction: stop this row

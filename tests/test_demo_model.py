@@ -45,3 +45,31 @@ def test_true_caption_has_the_lower_diffusion_loss(demo):
         true = demo.diffusion_loss(latents, noise, t, demo.encode_text([s.caption for s in scenes]).repeat_interleave(4, 0))
         wrong = demo.diffusion_loss(latents, noise, t, demo.encode_text(shuffled).repeat_interleave(4, 0))
     assert (true.view(8, 4).mean(1) < wrong.view(8, 4).mean(1)).sum() >= 7
+
+
+def test_inversion_recovers_content_words_of_the_bundled_images(tmp_path):
+    """A short PH2P run on the shipped images names their colour/shape/background words far more
+    often than the random prompts it starts from."""
+    import json
+
+    import lightning as L
+
+    from ph2p_lit.callbacks import ResultsWriter, read_jsonl
+    from ph2p_lit.data import ImageDataModule
+    from ph2p_lit.demo.evaluate import summarise_prompt_scores
+    from ph2p_lit.inversion import PromptInversion
+
+    root = Path(DEMO_MODEL).parent / "images"
+    module = PromptInversion(model="demo", prompt_length=7, init_prompt=None, steps=12, max_iter=5, draws=4,
+                             english_words=True, batch_size=8)
+    data = ImageDataModule(root=str(root), batch_size=8, steps=12)
+    L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, callbacks=[ResultsWriter()]).fit(module, datamodule=data)
+    truth = {(r := json.loads(line))["file_name"]: r for line in (root / "metadata.jsonl").read_text().splitlines()}
+    rows = read_jsonl(tmp_path / "prompts.jsonl")
+    module.image_ids = [r["image_id"] for r in rows]
+    initial = [module.vocab.decode(ids.tolist()) for ids in module.initial_ids()]
+    score = lambda prompts: summarise_prompt_scores(
+        [prompt_scores(p, truth[r["image_id"]]) for p, r in zip(prompts, rows)])["content_words_present"]
+    assert len(rows) == 8
+    assert score([r["prompt"] for r in rows]) >= 0.4 > 0.1 >= score(initial)

@@ -39,13 +39,45 @@ def test_prompt_length_is_checked_against_the_tokenizer(tiny_model):
             _module(tiny_model, prompt_length=bad).setup("fit")
 
 
-def test_closure_runs_max_iter_times_per_step(tiny_model, image_folder, tmp_path):
-    module = _module(tiny_model, steps=2, max_iter=4)
+@pytest.mark.parametrize("optimizer", ["ph2p", "lbfgs"])
+def test_closure_runs_max_iter_times_per_step(tiny_model, image_folder, tmp_path, optimizer):
+    module = _module(tiny_model, optimizer=optimizer, steps=2, max_iter=4, max_step=None)
     with mock.patch.object(module, "prompt_losses", wraps=module.prompt_losses) as losses:
-        _fit(module, image_folder, tmp_path, limit=1)
+        trainer = _fit(module, image_folder, tmp_path, limit=1)
     # 2 steps x 4 closure evaluations; scoring for results adds none (it is not in the closure)
     closure_calls = [c for c in losses.call_args_list if c.args[0].requires_grad]
     assert len(closure_calls) == 2 * 4
+    assert trainer.global_step == 2  # Lightning counts optimiser steps, not evaluations
+
+
+def test_ph2p_update_is_lr_times_the_gradient_at_the_projection(tiny_model, image_folder, tmp_path):
+    """The authors' rule: ê ← ê − lr · ∇L(ẽ), ẽ = Proj(ê), after every evaluation."""
+    module = _module(tiny_model, steps=1, max_iter=2, lr=3.0)
+    calls = []
+
+    def spy(prompt, latents, t, noise):
+        call = dict(prompt=prompt.detach().clone(), soft=module.soft_prompt[:1].detach().clone())
+        prompt.register_hook(lambda g: call.setdefault("grad", g.detach().clone()))
+        calls.append(call)
+        return PromptInversion.prompt_losses(module, prompt, latents, t, noise)
+
+    with mock.patch.object(module, "prompt_losses", side_effect=spy), mock.patch.object(module, "results", return_value=[]):
+        _fit(module, image_folder, tmp_path, limit=1)
+    first, second = calls
+    assert torch.allclose(second["soft"], first["soft"] - 3.0 * first["grad"], atol=1e-6)
+    assert not torch.equal(second["soft"], second["prompt"])  # ê left the vocabulary ...
+    assert torch.allclose(second["prompt"], module.token_embeds(module.project(second["soft"])), atol=1e-6)  # ẽ did not
+    assert torch.allclose(module.soft_prompt[:1], second["soft"] - 3.0 * second["grad"], atol=1e-6)
+
+
+def test_ph2p_draws_fresh_timesteps_at_each_evaluation_and_lbfgs_keeps_one_set(tiny_model, image_folder, tmp_path):
+    for optimizer, fresh in (("ph2p", True), ("lbfgs", False)):
+        module = _module(tiny_model, optimizer=optimizer, steps=1, max_iter=3, draws=2)
+        with mock.patch.object(module, "prompt_losses", wraps=module.prompt_losses) as losses:
+            _fit(module, image_folder, tmp_path, limit=1)
+        draws = [c.args[2] for c in losses.call_args_list if c.args[0].requires_grad]
+        assert len(draws) >= 2  # L-BFGS may stop a step early on its tolerances
+        assert all(torch.equal(draws[0], d) for d in draws[1:]) != fresh
 
 
 def test_lbfgs_on_the_continuous_prompt_lowers_a_fixed_loss(tiny_model):
@@ -80,7 +112,7 @@ def test_projected_tokens_change_over_a_run(tiny_model, image_folder, tmp_path):
 
 
 def test_checkpoint_holds_prompt_and_optimizer_but_no_frozen_model(tiny_model, image_folder, tmp_path):
-    module = _module(tiny_model, steps=4, batch_size=2)
+    module = _module(tiny_model, optimizer="lbfgs", steps=4, batch_size=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     _fit(module, image_folder, tmp_path, callbacks=[ckpt], limit=2, enable_checkpointing=True)
     path = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"  # written mid-inversion: step 2 of 4

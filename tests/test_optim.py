@@ -1,6 +1,6 @@
 import torch
 
-from ph2p_lit.optim import BatchedLBFGS
+from ph2p_lit.optim import BatchedLBFGS, PH2PStep
 
 
 def _problem(seed=0, rows=3, n=10):
@@ -69,3 +69,42 @@ def test_closure_evaluations_per_step():
 
     opt.step(closure)
     assert len(calls) == 6  # torch's LBFGS: one evaluation per iteration, none after the last
+
+
+def test_trust_region_bounds_each_vectors_move():
+    f, x0 = _problem()
+    X = (x0 * 10).view(3, 5, 2).clone().requires_grad_(True)  # far from the minimum: big steps
+    opt = BatchedLBFGS(X, lr=1.0, max_iter=1, max_step=0.05)
+    for _ in range(5):
+        before = X.detach().clone()
+
+        def closure():
+            opt.zero_grad()
+            losses = torch.stack([f(X[i].flatten(), i) for i in range(3)])
+            losses.sum().backward()
+            return losses
+
+        opt.step(closure)
+        moved = (X.detach() - before).norm(dim=-1)
+        assert moved.max() <= 0.05 + 1e-6 and moved.max() > 0.01
+
+
+def test_ph2p_step_takes_max_iter_gradient_steps():
+    f, x0 = _problem()
+    X = x0.clone().requires_grad_(True)
+    opt = PH2PStep(X, lr=0.01, max_iter=3)
+    expected = x0.clone()
+    for _ in range(3):
+        x = expected.clone().requires_grad_(True)
+        sum(f(x[i], i) for i in range(3)).backward()
+        expected -= 0.01 * x.grad
+
+    def closure():
+        opt.zero_grad()
+        losses = torch.stack([f(X[i], i) for i in range(3)])
+        losses.sum().backward()
+        return losses.detach()
+
+    first = opt.step(closure)
+    assert torch.allclose(X.detach(), expected, atol=1e-6)
+    assert torch.allclose(first, torch.stack([f(x0[i], i) for i in range(3)]))
