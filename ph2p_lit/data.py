@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .callbacks import read_jsonl
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def image_ids(self) -> list[str]:
+        return [item["image_id"] for item in self.items]
+
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]
         with Image.open(item["source"]) as image:
@@ -81,6 +85,9 @@ class HFImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def image_ids(self) -> list[str]:
+        return [f"{i:06d}" for i in range(len(self.dataset))]
 
     def __getitem__(self, i: int) -> dict:
         row = self.dataset[i]
@@ -130,6 +137,8 @@ class ImageDataModule(L.LightningDataModule):
         resolution: pixels per side; None reads the model's VAE config.
         model, local_files_only: the model whose resolution to use (set from model.*).
         num_workers: DataLoader workers.
+        skip_done: leave out images that already have a line in the run folder's prompts*.jsonl
+            (trainer.default_root_dir), so a run started again resumes where it stopped.
     """
 
     def __init__(
@@ -147,6 +156,7 @@ class ImageDataModule(L.LightningDataModule):
         model: str = "demo",
         local_files_only: bool = False,
         num_workers: int = 0,
+        skip_done: bool = True,
     ):
         super().__init__()
         if sum(x is not None for x in (root, files, dataset)) != 1:
@@ -229,11 +239,24 @@ class ImageDataModule(L.LightningDataModule):
             where = hp.root or hp.files or hp.dataset
             raise InputError(f"data: no readable images in {where}")
 
+    def done_ids(self) -> set[str]:
+        """Images with a result in the run folder already (every rank's file)."""
+        if not (self.hparams.skip_done and self.trainer):
+            return set()
+        files = Path(self.trainer.default_root_dir).glob("prompts*.jsonl")
+        return {row["image_id"] for path in files for row in read_jsonl(path)}
+
     def rank_indices(self) -> list[int]:
-        """This rank's images: a contiguous-stride slice, so every image goes to exactly one rank."""
+        """This rank's images: a stride slice of those not done, so every image goes to exactly
+        one rank."""
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
-        return list(range(rank, len(self.images), world))
+        done = self.done_ids()
+        todo = [i for i, image_id in enumerate(self.images.image_ids()) if image_id not in done]
+        if done:
+            log.info("%d of %d images already have prompts in the run folder; inverting the other %d",
+                     len(self.images) - len(todo), len(self.images), len(todo))
+        return todo[rank::world]
 
     def train_dataloader(self) -> DataLoader:
         sampler = RepeatedBatches(self.rank_indices(), self.hparams.batch_size, self.hparams.steps)

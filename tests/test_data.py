@@ -69,3 +69,23 @@ def test_file_list_and_hf_imagefolder(tmp_path, image_folder):
 def test_each_batch_repeats_once_per_step():
     batches = list(RepeatedBatches([0, 1, 2], batch_size=2, repeats=3))
     assert batches == [[0, 1]] * 3 + [[2]] * 3
+
+
+def test_a_restarted_run_skips_images_it_already_inverted(tiny_model, image_folder, tmp_path):
+    import lightning as L
+
+    from ph2p_lit.callbacks import ResultsWriter, read_jsonl
+    from ph2p_lit.inversion import PromptInversion
+
+    def run(limit):
+        module = PromptInversion(model=tiny_model, prompt_length=2, steps=1, max_iter=1, init_prompt=None)
+        data = ImageDataModule(root=image_folder, steps=1, model=tiny_model, limit=limit)
+        L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, callbacks=[ResultsWriter()]).fit(module, datamodule=data)
+        return data
+
+    run(limit=2)  # a run that stopped after two images
+    data = run(limit=None)
+    ids = [r["image_id"] for r in read_jsonl(tmp_path / "prompts.jsonl")]
+    assert sorted(ids) == [f"img{i}.png" for i in range(4)]  # each image once
+    assert data.rank_indices() == []  # nothing is left to do
