@@ -44,8 +44,9 @@ def main() -> None:
                         weight="bold")
     axes[0, 0].set_title("target", fontsize=9)
     for j in range(1, k + 1):
-        axes[0, j].set_title(f"from prompt, seed {j}", fontsize=9)
-    fig.subplots_adjust(right=0.55, wspace=0.05, hspace=0.08)
+        axes[0, j].set_title(f"seed {j}", fontsize=9)
+    fig.text(0.35, 0.985, "generated from the recovered prompt", ha="center", va="top", fontsize=9)
+    fig.subplots_adjust(left=0.06, right=0.55, top=0.94, bottom=0.01, wspace=0.05, hspace=0.08)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
 

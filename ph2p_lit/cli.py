@@ -55,9 +55,10 @@ def print_table(run_dir: Path) -> None:
         return
     rows = sorted(read_jsonl(path), key=lambda r: r["image_id"])
     width = max([len(r["image_id"]) for r in rows] + [5])
-    print(f"\n{'image':<{width}}  {'caption':<45}  prompt")
+    cap = min(max([len(r.get("caption", "")) for r in rows] + [7]), 60)
+    print(f"\n{'image':<{width}}  {'caption':<{cap}}  prompt")
     for r in rows:
-        print(f"{r['image_id']:<{width}}  {r.get('caption', '')[:45]:<45}  {r['prompt']}")
+        print(f"{r['image_id']:<{width}}  {r.get('caption', '')[:cap]:<{cap}}  {r['prompt']}")
     print(f"\n{len(rows)} prompts in {path}")
 
 
