@@ -69,7 +69,8 @@ class BestPromptTracker(L.Callback):
     def _update(self, pl_module) -> None:
         ids = pl_module.current_ids()
         losses = pl_module.score(ids)
-        for image_id, row, loss in zip(pl_module.image_ids, ids, losses.tolist()):
+        scored = {i: (row, loss) for i, row, loss in zip(pl_module.image_ids, ids, losses.tolist())}
+        for image_id, (row, loss) in scored.items():  # once per image, even if the batch repeats it
             best = self.best.get(image_id)
             if best is None or loss < best["loss"] - self.min_delta:
                 self.best[image_id] = {"loss": loss, "ids": row.tolist(), "step": pl_module.step_in_batch, "stale": 0}
@@ -89,13 +90,15 @@ class BestPromptTracker(L.Callback):
         if pl_module.step_in_batch % self.every_n_steps == 0 or pl_module.step_in_batch == 1 or outputs["finished"]:
             self._update(pl_module)
         for record in outputs["finished"]:
-            best = self.best.pop(record["image_id"])
+            best = self.best[record["image_id"]]
             record.update(
                 prompt=pl_module.vocab.decode(best["ids"]),
                 token_ids=best["ids"],
                 best_loss=best["loss"],
                 best_step=best["step"],
             )
+        for record in outputs["finished"]:
+            self.best.pop(record["image_id"], None)
 
     def state_dict(self) -> dict:
         return {"best": self.best}
@@ -113,6 +116,7 @@ class ResultsWriter(L.Callback):
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
+        self.written: set[str] = set()
 
     def setup(self, trainer, pl_module, stage):
         self.run_dir = Path(self.dirpath or trainer.default_root_dir)
@@ -130,8 +134,25 @@ class ResultsWriter(L.Callback):
             return
         by_id = {i: (s, c) for i, s, c in zip(batch["image_id"], batch["source"], batch["caption"])}
         for record in outputs["finished"]:
+            if record["image_id"] in self.written:
+                continue  # a padding repeat of this rank's last image (ImageDataModule.rank_indices)
+            self.written.add(record["image_id"])
             source, caption = by_id[record["image_id"]]
             append_line(self.prompts_path(trainer), {**record, "source": source, "caption": caption})
+
+    def on_train_end(self, trainer, pl_module):
+        """Fold the other ranks' files into prompts.jsonl (sorted, one line per image), atomically."""
+        trainer.strategy.barrier()
+        if not trainer.is_global_zero or trainer.world_size == 1:
+            return
+        final = self.run_dir / "prompts.jsonl"
+        rank_files = sorted(self.run_dir.glob("prompts.rank*.jsonl"))
+        rows = {r["image_id"]: r for path in [final, *rank_files] if path.is_file() for r in read_jsonl(path)}
+        tmp = final.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
+        os.replace(tmp, final)
+        for path in rank_files:
+            path.unlink()
 
     def prompts_path(self, trainer) -> Path:
         # One file per rank while running; rank 0's name is the plain one.

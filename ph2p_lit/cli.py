@@ -44,6 +44,7 @@ class InversionCLI(LightningCLI):
                 "trainer.enable_checkpointing": False,
                 "trainer.logger": False,
                 "trainer.num_sanity_val_steps": 0,
+                "trainer.use_distributed_sampler": False,  # the DataModule shards images by rank itself
             }
         )
 

@@ -248,7 +248,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def rank_indices(self) -> list[int]:
         """This rank's images: a stride slice of those not done, so every image goes to exactly
-        one rank."""
+        one rank. A shorter slice is padded with its own last image (inverted again, with the same
+        result, and written once) so that every rank runs the same number of steps: ranks step in
+        lockstep under DDP, and an uneven split would leave one waiting for ever."""
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
         done = self.done_ids()
@@ -256,7 +258,10 @@ class ImageDataModule(L.LightningDataModule):
         if done:
             log.info("%d of %d images already have prompts in the run folder; inverting the other %d",
                      len(self.images) - len(todo), len(self.images), len(todo))
-        return todo[rank::world]
+        mine = todo[rank::world]
+        if todo and world > 1:
+            mine += [(mine or todo)[-1]] * (-(-len(todo) // world) - len(mine))
+        return mine
 
     def train_dataloader(self) -> DataLoader:
         sampler = RepeatedBatches(self.rank_indices(), self.hparams.batch_size, self.hparams.steps)

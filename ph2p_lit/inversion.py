@@ -175,7 +175,9 @@ class PromptInversion(L.LightningModule):
 
     def _draws(self) -> tuple[torch.Tensor, torch.Tensor]:
         shape = self.backbone.latent_shape
-        t, noise = zip(*(self.sampler.next(i, shape) for i in self.image_ids))
+        # One draw per image id: a repeated image (DDP padding) must not advance its stream twice.
+        drawn = {i: self.sampler.next(i, shape) for i in dict.fromkeys(self.image_ids)}
+        t, noise = zip(*(drawn[i] for i in self.image_ids))
         return torch.stack(t).to(self.device), torch.stack(noise).to(self.device)
 
     # ---------------------------------------------------------------- per batch of images
@@ -230,7 +232,10 @@ class PromptInversion(L.LightningModule):
             self.manual_backward(losses.sum())  # sum: each image's gradient is its own
             return torch.nn.functional.pad(losses.detach(), (0, self.soft_prompt.shape[0] - b))
 
-        losses = optimizer.step(closure=closure)[:b]  # ph2p, lbfgs: max_iter evaluations; adam: one
+        # Each rank inverts its own images: under DDP, gradients must never be averaged across
+        # ranks (they belong to different prompts), so the sync is switched off for the step.
+        with optimizer.toggle_model(sync_grad=False):
+            losses = optimizer.step(closure=closure)[:b]  # ph2p, lbfgs: max_iter evaluations; adam: one
         self.step_in_batch += 1
         self.log("loss", losses.mean(), prog_bar=True, batch_size=b)
         finished = self.step_in_batch >= self.hparams.steps

@@ -66,3 +66,21 @@ def test_bad_input_is_one_line_naming_the_key(tiny_model, image_folder, override
                    "--model.max_iter=1", "--model.prompt_length=2", override])
     assert result.returncode != 0
     assert named in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_two_process_ddp_gives_the_prompts_of_one_process(tiny_model, image_folder, tmp_path):
+    """Each of 3 images (an uneven split) inverted exactly once over 2 ranks (gloo), with the
+    prompts of a single-process run: DDP must not average the gradients of different prompts."""
+    common = ["invert", f"--model.model={tiny_model}", "--model.prompt_length=3", "--model.steps=3",
+              "--model.max_iter=2", "--model.lr=20", f"--data.root={image_folder}", "--data.limit=3", "--data.batch_size=2", "--trainer.accelerator=cpu"]
+    prompts = {}
+    for devices in (1, 2):
+        run_dir = tmp_path / f"d{devices}"
+        extra = ["--trainer.devices=2", "--trainer.strategy=ddp"] if devices == 2 else []
+        result = _run(common + [f"--trainer.default_root_dir={run_dir}", *extra])
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = read_jsonl(run_dir / "prompts.jsonl")
+        assert sorted(r["image_id"] for r in rows) == [f"img{i}.png" for i in range(3)]
+        assert not list(run_dir.glob("prompts.rank*.jsonl"))
+        prompts[devices] = {r["image_id"]: r["token_ids"] for r in rows}
+    assert prompts[1] == prompts[2]
