@@ -101,16 +101,23 @@ class HFImages(Dataset):
 
 
 class RepeatedBatches(Sampler):
-    """This rank's images in fixed batches, each batch yielded `repeats` times in a row."""
+    """This rank's images in fixed batches, each batch yielded `repeats` times in a row.
 
-    def __init__(self, indices: list[int], batch_size: int, repeats: int):
+    skip: items already consumed in this epoch before a restart from a checkpoint (Lightning
+    restores its batch count and then draws only the remaining ones).
+    """
+
+    def __init__(self, indices: list[int], batch_size: int, repeats: int, skip: int = 0):
         self.batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-        self.repeats = repeats
+        self.repeats, self.skip = repeats, skip
 
     def __iter__(self):
+        n = 0
         for batch in self.batches:
             for _ in range(self.repeats):
-                yield batch
+                if n >= self.skip:
+                    yield batch
+                n += 1
 
     def __len__(self) -> int:
         return len(self.batches) * self.repeats
@@ -246,14 +253,14 @@ class ImageDataModule(L.LightningDataModule):
         files = Path(self.trainer.default_root_dir).glob("prompts*.jsonl")
         return {row["image_id"] for path in files for row in read_jsonl(path)}
 
-    def rank_indices(self) -> list[int]:
+    def rank_indices(self, skip_done: bool = True) -> list[int]:
         """This rank's images: a stride slice of those not done, so every image goes to exactly
         one rank. A shorter slice is padded with its own last image (inverted again, with the same
         result, and written once) so that every rank runs the same number of steps: ranks step in
         lockstep under DDP, and an uneven split would leave one waiting for ever."""
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
-        done = self.done_ids()
+        done = self.done_ids() if skip_done else set()
         todo = [i for i, image_id in enumerate(self.images.image_ids()) if image_id not in done]
         if done:
             log.info("%d of %d images already have prompts in the run folder; inverting the other %d",
@@ -263,6 +270,15 @@ class ImageDataModule(L.LightningDataModule):
             mine += [(mine or todo)[-1]] * (-(-len(todo) // world) - len(mine))
         return mine
 
+    def resumed_batches(self) -> int:
+        """Batches this epoch had consumed when the checkpoint being resumed from was written."""
+        # `processed`, not `completed`: a checkpoint written at a batch's end counts it processed only.
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+
     def train_dataloader(self) -> DataLoader:
-        sampler = RepeatedBatches(self.rank_indices(), self.hparams.batch_size, self.hparams.steps)
+        skip = self.resumed_batches()
+        # Resuming from a checkpoint: the image list must be the one the checkpoint counted in,
+        # so finished images stay in it (their batches are skipped, not redone).
+        indices = self.rank_indices(skip_done=not skip)
+        sampler = RepeatedBatches(indices, self.hparams.batch_size, self.hparams.steps, skip=skip)
         return DataLoader(self.images, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers)

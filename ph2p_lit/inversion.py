@@ -191,6 +191,13 @@ class PromptInversion(L.LightningModule):
         shape = self.backbone.latent_shape
         t, noise = zip(*(self.sampler.fixed(i, shape) for i in self.image_ids))
         self._fixed = (torch.stack(t).to(self.device), torch.stack(noise).to(self.device))
+        restored, self._restored = getattr(self, "_restored", None), None
+        if restored and restored["image_ids"] == self.image_ids:
+            # Resumed mid-batch from a checkpoint: Lightning has put back the soft prompts and
+            # the optimiser state; continue at the saved step with the saved draw streams.
+            self.step_in_batch = restored["step_in_batch"]
+            self.sampler.load_state_dict(restored["sampler"])
+            return
         for i in self.image_ids:
             self.sampler.reset(i)
         with torch.no_grad():

@@ -84,3 +84,30 @@ def test_two_process_ddp_gives_the_prompts_of_one_process(tiny_model, image_fold
         assert not list(run_dir.glob("prompts.rank*.jsonl"))
         prompts[devices] = {r["image_id"]: r["token_ids"] for r in rows}
     assert prompts[1] == prompts[2]
+
+
+def test_a_killed_run_resumes_mid_image_to_the_same_prompts(tiny_model, image_folder, tmp_path):
+    """SIGKILL in the middle of the second image; the same command with --ckpt_path=last finishes
+    with the prompts.jsonl of an uninterrupted run (the first image is not redone)."""
+    import os
+    from pathlib import Path
+
+    common = ["invert", f"--model.model={tiny_model}", "--model.prompt_length=3", "--model.steps=6",
+              "--model.max_iter=2", "--model.lr=20", f"--data.root={image_folder}", "--data.limit=3"]
+    checkpoints = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                   "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true",
+                   "--trainer.enable_checkpointing=true"]
+    whole = tmp_path / "whole"
+    assert _run(common + [f"--trainer.default_root_dir={whole}"]).returncode == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    run = common + [f"--trainer.default_root_dir={killed}"] + checkpoints
+    first = _run(run + ["--trainer.callbacks+=kill_callback.KillAtStep", "--trainer.callbacks.step=9"], env=env)
+    assert first.returncode == -9  # SIGKILL at step 9: image 1 done, image 2 at step 3 of 6
+    assert len(read_jsonl(killed / "prompts.jsonl")) == 1
+    second = _run(run + ["--ckpt_path=last"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows = read_jsonl(killed / "prompts.jsonl")
+    expected = {r["image_id"]: r["token_ids"] for r in read_jsonl(whole / "prompts.jsonl")}
+    assert [r["image_id"] for r in rows] == sorted(expected)  # each image once, in order
+    assert {r["image_id"]: r["token_ids"] for r in rows} == expected
