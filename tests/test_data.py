@@ -89,3 +89,13 @@ def test_a_restarted_run_skips_images_it_already_inverted(tiny_model, image_fold
     ids = [r["image_id"] for r in read_jsonl(tmp_path / "prompts.jsonl")]
     assert sorted(ids) == [f"img{i}.png" for i in range(4)]  # each image once
     assert data.rank_indices() == []  # nothing is left to do
+
+
+def test_a_very_large_image_is_resized(tmp_path):
+    """10000 x 10000 (100 M pixels: PIL warns above 89 M) is read, resized and cropped."""
+    Image.new("RGB", (10000, 10000), (200, 30, 30)).save(tmp_path / "huge.png")
+    dm = ImageDataModule(root=str(tmp_path), resolution=16)
+    dm.setup()
+    pixels = dm.images[0]["pixels"]
+    assert pixels.shape == (3, 16, 16) and not dm.failures
+    assert abs(float(pixels[0].mean()) - (200 / 127.5 - 1)) < 0.02

@@ -128,6 +128,7 @@ def test_checkpoint_holds_prompt_and_optimizer_but_no_frozen_model(tiny_model, i
 
 
 def test_batch_of_images_equals_one_at_a_time(tiny_model, image_folder, tmp_path):
+    """Each image keeps its own prompt and draws in a batch (the default ph2p update)."""
     prompts = {}
     for batch_size in (1, 2):
         out = tmp_path / f"b{batch_size}"
