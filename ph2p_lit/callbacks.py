@@ -69,8 +69,7 @@ class BestPromptTracker(L.Callback):
     def _update(self, pl_module) -> None:
         ids = pl_module.current_ids()
         losses = pl_module.score(ids)
-        scored = {i: (row, loss) for i, row, loss in zip(pl_module.image_ids, ids, losses.tolist())}
-        for image_id, (row, loss) in scored.items():  # once per image, even if the batch repeats it
+        for image_id, row, loss in zip(pl_module.image_ids, ids, losses.tolist()):
             best = self.best.get(image_id)
             if best is None or loss < best["loss"] - self.min_delta:
                 self.best[image_id] = {"loss": loss, "ids": row.tolist(), "step": pl_module.step_in_batch, "stale": 0}
@@ -90,15 +89,13 @@ class BestPromptTracker(L.Callback):
         if pl_module.step_in_batch % self.every_n_steps == 0 or pl_module.step_in_batch == 1 or outputs["finished"]:
             self._update(pl_module)
         for record in outputs["finished"]:
-            best = self.best[record["image_id"]]
+            best = self.best.pop(record["image_id"])
             record.update(
                 prompt=pl_module.vocab.decode(best["ids"]),
                 token_ids=best["ids"],
                 best_loss=best["loss"],
                 best_step=best["step"],
             )
-        for record in outputs["finished"]:
-            self.best.pop(record["image_id"], None)
 
     def state_dict(self) -> dict:
         return {"best": self.best}
@@ -116,7 +113,6 @@ class ResultsWriter(L.Callback):
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
-        self.written: set[str] = set()
 
     def setup(self, trainer, pl_module, stage):
         self.run_dir = Path(self.dirpath or trainer.default_root_dir)
@@ -134,9 +130,6 @@ class ResultsWriter(L.Callback):
             return
         by_id = {i: (s, c) for i, s, c in zip(batch["image_id"], batch["source"], batch["caption"])}
         for record in outputs["finished"]:
-            if record["image_id"] in self.written:
-                continue  # a padding repeat of this rank's last image (ImageDataModule.rank_indices)
-            self.written.add(record["image_id"])
             source, caption = by_id[record["image_id"]]
             append_line(self.prompts_path(trainer), {**record, "source": source, "caption": caption})
 

@@ -105,10 +105,13 @@ class RepeatedBatches(Sampler):
 
     skip: items already consumed in this epoch before a restart from a checkpoint (Lightning
     restores its batch count and then draws only the remaining ones).
+    n_batches: pad to this many batches by repeating the last one; a repeat of a finished batch
+    costs nothing (the module skips it), so shorter DDP shards keep in step without extra work.
     """
 
-    def __init__(self, indices: list[int], batch_size: int, repeats: int, skip: int = 0):
+    def __init__(self, indices: list[int], batch_size: int, repeats: int, skip: int = 0, n_batches: int = 0):
         self.batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        self.batches += self.batches[-1:] * (n_batches - len(self.batches))
         self.repeats, self.skip = repeats, skip
 
     def __iter__(self):
@@ -253,22 +256,25 @@ class ImageDataModule(L.LightningDataModule):
         files = Path(self.trainer.default_root_dir).glob("prompts*.jsonl")
         return {row["image_id"] for path in files for row in read_jsonl(path)}
 
-    def rank_indices(self, skip_done: bool = True) -> list[int]:
-        """This rank's images: a stride slice of those not done, so every image goes to exactly
-        one rank. A shorter slice is padded with its own last image (inverted again, with the same
-        result, and written once) so that every rank runs the same number of steps: ranks step in
-        lockstep under DDP, and an uneven split would leave one waiting for ever."""
-        rank = self.trainer.global_rank if self.trainer else 0
-        world = self.trainer.world_size if self.trainer else 1
+    def todo_indices(self, skip_done: bool = True) -> list[int]:
+        """Indices of the images without a result in the run folder yet (all of them, if not skip_done)."""
         done = self.done_ids() if skip_done else set()
         todo = [i for i, image_id in enumerate(self.images.image_ids()) if image_id not in done]
         if done:
             log.info("%d of %d images already have prompts in the run folder; inverting the other %d",
                      len(self.images) - len(todo), len(self.images), len(todo))
-        mine = todo[rank::world]
-        if todo and world > 1:
-            mine += [(mine or todo)[-1]] * (-(-len(todo) // world) - len(mine))
-        return mine
+        return todo
+
+    def rank_indices(self, skip_done: bool = True) -> list[int]:
+        """This rank's images: a stride slice of those not done, so every image goes to exactly
+        one rank."""
+        return self.todo_indices(skip_done)[self._rank() :: self._world()]
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer else 0
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self.trainer else 1
 
     def resumed_batches(self) -> int:
         """Batches this epoch had consumed when the checkpoint being resumed from was written."""
@@ -279,6 +285,13 @@ class ImageDataModule(L.LightningDataModule):
         skip = self.resumed_batches()
         # Resuming from a checkpoint: the image list must be the one the checkpoint counted in,
         # so finished images stay in it (their batches are skipped, not redone).
-        indices = self.rank_indices(skip_done=not skip)
-        sampler = RepeatedBatches(indices, self.hparams.batch_size, self.hparams.steps, skip=skip)
+        todo = self.todo_indices(skip_done=not skip)
+        # Under DDP ranks step in lockstep: a rank with fewer batches would wait for ever, so every
+        # rank gets the longest shard's batch count (RepeatedBatches pads by repeating a batch). A
+        # rank left without images (fewer images than ranks) repeats another's last image; the
+        # final merge of the rank files keeps one line per image.
+        indices = todo[self._rank() :: self._world()] or todo[-1:]
+        n_batches = -(-len(todo[:: self._world()]) // self.hparams.batch_size)
+        sampler = RepeatedBatches(indices, self.hparams.batch_size, self.hparams.steps, skip=skip,
+                                  n_batches=n_batches)
         return DataLoader(self.images, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers)

@@ -175,9 +175,7 @@ class PromptInversion(L.LightningModule):
 
     def _draws(self) -> tuple[torch.Tensor, torch.Tensor]:
         shape = self.backbone.latent_shape
-        # One draw per image id: a repeated image (DDP padding) must not advance its stream twice.
-        drawn = {i: self.sampler.next(i, shape) for i in dict.fromkeys(self.image_ids)}
-        t, noise = zip(*(drawn[i] for i in self.image_ids))
+        t, noise = zip(*(self.sampler.next(i, shape) for i in self.image_ids))
         return torch.stack(t).to(self.device), torch.stack(noise).to(self.device)
 
     # ---------------------------------------------------------------- per batch of images

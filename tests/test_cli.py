@@ -69,10 +69,12 @@ def test_bad_input_is_one_line_naming_the_key(tiny_model, image_folder, override
 
 
 def test_two_process_ddp_gives_the_prompts_of_one_process(tiny_model, image_folder, tmp_path):
-    """Each of 3 images (an uneven split) inverted exactly once over 2 ranks (gloo), with the
-    prompts of a single-process run: DDP must not average the gradients of different prompts."""
+    """Each of 3 images (an uneven split: 2 batches vs 1) inverted exactly once over 2 ranks
+    (gloo), with the prompts of a single-process run: DDP must not average the gradients of
+    different prompts, and the shorter rank must not leave the other waiting."""
     common = ["invert", f"--model.model={tiny_model}", "--model.prompt_length=3", "--model.steps=3",
-              "--model.max_iter=2", "--model.lr=20", f"--data.root={image_folder}", "--data.limit=3", "--data.batch_size=2", "--trainer.accelerator=cpu"]
+              "--model.max_iter=2", "--model.lr=20", f"--data.root={image_folder}", "--data.limit=3",
+              "--data.batch_size=1", "--trainer.accelerator=cpu"]
     prompts = {}
     for devices in (1, 2):
         run_dir = tmp_path / f"d{devices}"
