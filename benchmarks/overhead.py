@@ -46,7 +46,7 @@ def bare_loop(module: PromptInversion, batch: dict) -> float:
         for _ in range(hp.max_iter):
             t, noise = module._draws()
             projected = module.token_embeds(module.project(soft.detach()))
-            loss = module.prompt_losses(soft + (projected - soft).detach(), latents, t, noise).sum()
+            loss = module.prompt_losses(projected + (soft - soft.detach()), latents, t, noise).sum()
             (grad,) = torch.autograd.grad(loss, soft)
             with torch.no_grad():
                 soft -= hp.lr * grad

@@ -232,7 +232,10 @@ class PromptInversion(L.LightningModule):
             soft = self.soft_prompt[:b]  # ê
             projected = self.token_embeds(self.project(soft.detach()))  # ẽ = Proj_E(ê)
             # Delayed projection: the loss is evaluated at ẽ and its gradient is applied to ê.
-            prompt = soft + (projected - soft).detach()
+            # Written so that the forward value is ẽ bit for bit (soft - soft.detach() is exactly
+            # 0): the loss then depends on the projected tokens only, not on rounding of ê, and an
+            # unchanged projection gives an unchanged loss (L-BFGS's stopping rule reads that).
+            prompt = projected + (soft - soft.detach())
             losses = self.prompt_losses(prompt, self._latents, t, noise)
             self.manual_backward(losses.sum())  # sum: each image's gradient is its own
             return torch.nn.functional.pad(losses.detach(), (0, self.soft_prompt.shape[0] - b))

@@ -1,0 +1,33 @@
+"""The GPU benchmark script runs the same code at toy size on the CPU, so it cannot rot unseen."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu  # noqa: E402
+
+
+def test_one_evaluation_gives_the_prompt_a_gradient():
+    backbone = gpu.build("tiny", torch.float32, "cpu")
+    prompt = torch.zeros(2, backbone.max_length, backbone.token_embedding.embedding_dim, requires_grad=True)
+    latents = torch.randn(2, *backbone.latent_shape)
+    gpu.evaluation(backbone, prompt, latents, torch.tensor([500, 800]), torch.randn_like(latents))
+    assert prompt.grad is not None and prompt.grad[:, 1:].abs().sum(dim=(1, 2)).gt(0).all()
+
+
+def test_gpu_benchmark_table_at_toy_size():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--size", "tiny", "--device", "cpu", "--batches", "1", "2",
+         "--dtypes", "float32", "--repeats", "1", "--steps", "10", "--max-iter", "2"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| float32")]
+    assert [int(r[1]) for r in rows] == [1, 2]
+    for _, batch, per_eval, per_step, per_hour, _ in rows:
+        assert abs(float(per_step) - 2 * float(per_eval)) < 2e-3
+        assert abs(float(per_hour) - 3600 * int(batch) / (float(per_step) * 10)) / float(per_hour) < 0.05
