@@ -128,10 +128,11 @@ class ResultsWriter(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not outputs or not outputs["finished"]:
             return
-        by_id = {i: (s, c) for i, s, c in zip(batch["image_id"], batch["source"], batch["caption"])}
+        keys = [k for k in ("source", "caption", "negative_source") if k in batch]
+        by_id = {image_id: k for k, image_id in enumerate(batch["image_id"])}
         for record in outputs["finished"]:
-            source, caption = by_id[record["image_id"]]
-            append_line(self.prompts_path(trainer), {**record, "source": source, "caption": caption})
+            k = by_id[record["image_id"]]
+            append_line(self.prompts_path(trainer), {**record, **{key: batch[key][k] for key in keys}})
 
     def on_train_end(self, trainer, pl_module):
         """Fold the other ranks' files into prompts.jsonl (sorted, one line per image), atomically."""

@@ -17,6 +17,9 @@ from .inversion import PromptInversion
 
 COMMANDS = {
     "invert": "recover a prompt per image (PH2P); writes prompts.jsonl in the run folder",
+    "reconstruct": "rebuild or edit images from their prompts (negative-prompt inversion), with PSNR/LPIPS",
+    "generate": "images from prompts, several seeds each, one grid per prompt",
+    "compose": "compose concepts: invert A and B, join prompts, generate, invert again, add C (HTML)",
     "train-demo": "train the demo model and its oracle on the procedural world",
 }
 
@@ -49,6 +52,21 @@ class InversionCLI(LightningCLI):
         )
 
 
+class ReconstructionCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model", "data.model")
+        parser.link_arguments("model.local_files_only", "data.local_files_only")
+        parser.set_defaults(
+            {
+                "trainer.default_root_dir": "runs/reconstruct",
+                "trainer.callbacks": [{"class_path": "ph2p_lit.reconstruction.ReconstructionWriter"}],
+                "trainer.logger": False,
+                "trainer.enable_checkpointing": False,
+                "trainer.use_distributed_sampler": False,  # PromptedImages shards images by rank itself
+            }
+        )
+
+
 def print_table(run_dir: Path) -> None:
     """Image, true caption and recovered prompt of every finished image."""
     path = run_dir / "prompts.jsonl"
@@ -77,6 +95,27 @@ def invert(args: list[str]) -> None:
         print_table(Path(cli.trainer.default_root_dir))
 
 
+def reconstruct(args: list[str]) -> None:
+    from .data import PromptedImages
+    from .reconstruction import Reconstruction
+
+    cli = ReconstructionCLI(Reconstruction, PromptedImages, args=args, run=False,
+                            save_config_kwargs={"overwrite": True}, subclass_mode_model=False)
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+
+
+def generate(args: list[str]) -> None:
+    from .generate import generate_grids
+
+    CLI(generate_grids, args=args)
+
+
+def compose(args: list[str]) -> None:
+    from .compose import compose as run
+
+    CLI(run, args=args)
+
+
 def train_demo(args: list[str]) -> None:
     from .demo.train import train_demo as run
 
@@ -94,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"ph2p: unknown command {argv[0]!r}")
         return
     try:
-        {"invert": invert, "train-demo": train_demo}[argv[0]](argv[1:])
+        commands = {"invert": invert, "reconstruct": reconstruct, "generate": generate, "compose": compose,
+                    "train-demo": train_demo}
+        commands[argv[0]](argv[1:])
     except InputError as e:
         raise SystemExit(f"ph2p {argv[0]}: error: {e}") from None
 

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .callbacks import read_jsonl
 from .errors import InputError
@@ -73,7 +73,10 @@ class ImageFiles(Dataset):
         item = self.items[i]
         with Image.open(item["source"]) as image:
             pixels = to_pixels(image, self.resolution)
-        return {**item, "pixels": pixels}
+        if "negative_source" not in item:
+            return {**item, "pixels": pixels}
+        with Image.open(item["negative_source"]) as image:
+            return {**item, "pixels": pixels, "negative_pixels": to_pixels(image, self.resolution)}
 
 
 class HFImages(Dataset):
@@ -127,9 +130,10 @@ class RepeatedBatches(Sampler):
 
 
 def collate(items: list[dict]) -> dict:
+    """Tensors stacked, everything else (ids, paths, captions, prompts) as lists."""
     return {
-        "pixels": torch.stack([it["pixels"] for it in items]),
-        **{k: [it[k] for it in items] for k in ("image_id", "source", "caption")},
+        k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
+        for k in items[0]
     }
 
 
@@ -149,6 +153,9 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         skip_done: leave out images that already have a line in the run folder's prompts*.jsonl
             (trainer.default_root_dir), so a run started again resumes where it stopped.
+        negatives: negative images (the paper's Algorithm 2; model.negative_weight): one image
+            file for every target, a folder holding a negative under each target's relative
+            name, or a .jsonl of {"image": target image_id, "negative": path} lines.
     """
 
     def __init__(
@@ -167,10 +174,15 @@ class ImageDataModule(L.LightningDataModule):
         local_files_only: bool = False,
         num_workers: int = 0,
         skip_done: bool = True,
+        negatives: str | None = None,
     ):
         super().__init__()
         if sum(x is not None for x in (root, files, dataset)) != 1:
             raise InputError("data: give exactly one of data.root (a folder), data.files or data.dataset")
+        if negatives is not None and dataset is not None:
+            raise InputError("data.negatives: pair negatives with data.root or data.files, not data.dataset")
+        if negatives is not None and not Path(negatives).exists():
+            raise InputError(f"data.negatives={negatives}: no such file or folder")
         self.save_hyperparameters()
         self.failures: list[dict] = []
 
@@ -214,13 +226,31 @@ class ImageDataModule(L.LightningDataModule):
             items.append({"image_id": rel, "source": str(path), "caption": caption})
         return items
 
+    def _pair_negatives(self, items: list[dict], negatives: Path) -> list[dict]:
+        """Give every target its negative image (Algorithm 2); a target without one is an error."""
+        if negatives.is_dir():
+            pairs = {item["image_id"]: negatives / item["image_id"] for item in items}
+        elif negatives.suffix == ".jsonl":
+            pairs = {row["image"]: Path(row["negative"]) for row in read_jsonl(negatives)}
+        else:
+            pairs = {item["image_id"]: negatives for item in items}
+        for item in items:
+            path = pairs.get(item["image_id"])
+            if path is None or not path.is_file():
+                raise InputError(f"data.negatives={negatives}: no negative image for {item['image_id']}"
+                                 + (f" (expected {path})" if path else ""))
+            item["negative_source"] = str(path)
+        return items
+
     def _check(self, items: list[dict]) -> list[dict]:
         """Keep the images that open; list the others in `failures` (one bad file never stops a run)."""
         good = []
         for item in items:
             try:
-                with Image.open(item["source"]) as image:
-                    image.verify()
+                for key in ("source", "negative_source"):
+                    if key in item:
+                        with Image.open(item[key]) as image:
+                            image.verify()
                 good.append(item)
             except Exception as e:  # PIL raises many types for broken files
                 reason = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -243,17 +273,21 @@ class ImageDataModule(L.LightningDataModule):
             self.images = HFImages(ds, hp.image_column, caption, hp.dataset, resolution)
         else:
             items = self._file_items()[: hp.limit]
+            if hp.get("negatives"):
+                items = self._pair_negatives(items, Path(hp.negatives))
             items = self._check(items)
             self.images = ImageFiles(items, resolution)
         if len(self.images) == 0:
-            where = hp.root or hp.files or hp.dataset
+            where = hp.get("prompts") or hp.root or hp.files or hp.dataset
             raise InputError(f"data: no readable images in {where}")
+
+    results_glob = "prompts*.jsonl"  # the files whose lines mark an image as done
 
     def done_ids(self) -> set[str]:
         """Images with a result in the run folder already (every rank's file)."""
         if not (self.hparams.skip_done and self.trainer):
             return set()
-        files = Path(self.trainer.default_root_dir).glob("prompts*.jsonl")
+        files = Path(self.trainer.default_root_dir).glob(self.results_glob)
         return {row["image_id"] for path in files for row in read_jsonl(path)}
 
     def todo_indices(self, skip_done: bool = True) -> list[int]:
@@ -295,3 +329,60 @@ class ImageDataModule(L.LightningDataModule):
         sampler = RepeatedBatches(indices, self.hparams.batch_size, self.hparams.steps, skip=skip,
                                   n_batches=n_batches)
         return DataLoader(self.images, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers)
+
+
+class PromptedImages(ImageDataModule):
+    """Images with their prompts, for `ph2p reconstruct`: one predict batch per `batch_size` images.
+
+    Args:
+        prompts: a prompts.jsonl from `ph2p invert`; each line names its image (`source`) and
+            its recovered `prompt`; a line may add its own `edit` (it overrides model.edit).
+        prompt: instead, one text prompt for every image of `root` or `files`.
+        root, files, limit, resolution, model, local_files_only, num_workers: as ImageDataModule.
+        batch_size: images per U-Net batch.
+        skip_done: leave out images that already have a line in the run folder's reconstructions*.jsonl.
+    """
+
+    results_glob = "reconstructions*.jsonl"
+
+    def __init__(
+        self,
+        prompts: str | None = None,
+        prompt: str | None = None,
+        root: str | None = None,
+        files: list[str] | str | None = None,
+        limit: int | None = None,
+        batch_size: int = 8,
+        resolution: int | None = None,
+        model: str = "demo",
+        local_files_only: bool = False,
+        num_workers: int = 0,
+        skip_done: bool = True,
+    ):
+        L.LightningDataModule.__init__(self)
+        if (prompts is None) == (prompt is None):
+            raise InputError("data: give data.prompts (a prompts.jsonl from `ph2p invert`) or data.prompt "
+                             "(one text prompt) with data.root or data.files")
+        if prompt is not None and (root is None) == (files is None):
+            raise InputError("data.prompt: give the images too, as data.root (a folder) or data.files")
+        self.save_hyperparameters()
+        self.hparams.dataset = None
+        self.failures: list[dict] = []
+
+    def _file_items(self) -> list[dict]:
+        hp = self.hparams
+        if hp.prompt is not None:
+            return [{**item, "prompt": hp.prompt, "edit": ""} for item in super()._file_items()]
+        path = Path(hp.prompts)
+        if not path.is_file():
+            raise InputError(f"data.prompts={hp.prompts}: no such file (give the prompts.jsonl of an invert run)")
+        items = []
+        for row in read_jsonl(path):
+            if not {"image_id", "source", "prompt"} <= row.keys():
+                raise InputError(f"data.prompts={hp.prompts}: every line needs image_id, source and prompt")
+            items.append({k: row.get(k, "") for k in ("image_id", "source", "caption", "prompt", "edit")})
+        return sorted(items, key=lambda item: item["image_id"])
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(Subset(self.images, self.rank_indices()), batch_size=self.hparams.batch_size,
+                          collate_fn=collate, num_workers=self.hparams.num_workers)

@@ -1,12 +1,66 @@
 """Images from prompts: DDIM sampling with classifier-free guidance on the frozen backbone.
 
-Used to regenerate images from recovered prompts (quality measurement, reports).
+`denoise` is the reverse DDIM pass that generation, NPI reconstruction and editing share; only
+the starting latents and the negative embedding differ.
 """
+
+import os
+from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler
+from PIL import Image
 
 from .backbone import Backbone
+from .callbacks import append_line, read_jsonl
+from .data import to_rgb
+from .errors import InputError
+
+
+def strength_steps(steps: int, strength: float) -> int:
+    """How many of `steps` DDIM steps an inversion / edit of this strength runs (at least 1)."""
+    if not 0.0 < strength <= 1.0:
+        raise InputError(f"strength={strength}: must be in (0, 1]")
+    return max(1, round(steps * strength))
+
+
+def ddim_scheduler(backbone: Backbone, steps: int) -> DDIMScheduler:
+    # "trailing" spacing starts at t = T - 1, where the model last saw almost pure noise.
+    scheduler = DDIMScheduler.from_config(backbone.scheduler.config, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps, device=backbone.device)
+    return scheduler
+
+
+@torch.no_grad()
+def denoise(
+    backbone: Backbone,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    negative: torch.Tensor,
+    guidance: float = 7.5,
+    steps: int = 50,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """Reverse DDIM from `latents` (B, C, h, w): prediction = neg + guidance * (cond - neg).
+
+    When the negative equals the condition (NPI reconstruction) or guidance is 1, the prediction
+    is the conditional one and the U-Net runs once a step instead of twice.
+    strength < 1 starts from the noise level of the last round(steps * strength) steps (latents
+    inverted that far, see npi.ddim_invert).
+    """
+    scheduler = ddim_scheduler(backbone, steps)
+    single = guidance == 1.0 or torch.equal(cond, negative)
+    for t in scheduler.timesteps[steps - strength_steps(steps, strength):]:
+        x = latents.to(backbone.dtype)
+        if single:
+            pred = backbone.unet(x, t, cond.to(backbone.dtype)).sample.float()
+        else:
+            both = backbone.unet(torch.cat([x, x]), t, torch.cat([negative, cond]).to(backbone.dtype)).sample
+            pred_neg, pred_cond = both.float().chunk(2)
+            pred = pred_neg + guidance * (pred_cond - pred_neg)
+        latents = scheduler.step(pred, t, latents.float()).prev_sample
+    return latents
 
 
 @torch.no_grad()
@@ -19,16 +73,79 @@ def generate(
     negative_prompt: str = "",
 ) -> torch.Tensor:
     """One image per prompt, in [-1, 1]: (B, 3, H, W). Seeded per call, so reproducible."""
-    # "trailing" spacing starts at t = T - 1, where the model last saw almost pure noise.
-    scheduler = DDIMScheduler.from_config(backbone.scheduler.config, timestep_spacing="trailing")
-    scheduler.set_timesteps(steps, device=backbone.device)
-    cond = backbone.encode_text(prompts)
-    uncond = backbone.encode_text([negative_prompt] * len(prompts))
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn((len(prompts), *backbone.latent_shape), generator=g).to(backbone.device, backbone.dtype)
-    for t in scheduler.timesteps:
-        both = backbone.unet(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).sample
-        pred_uncond, pred_cond = both.chunk(2)
-        pred = pred_uncond + guidance * (pred_cond - pred_uncond)
-        latents = scheduler.step(pred, t, latents).prev_sample
-    return backbone.decode_latents(latents)
+    latents = torch.randn((len(prompts), *backbone.latent_shape), generator=g).to(backbone.device)
+    cond = backbone.encode_text(prompts)
+    negative = backbone.encode_text([negative_prompt] * len(prompts))
+    return backbone.decode_latents(denoise(backbone, latents, cond, negative, guidance, steps))
+
+
+def image_grid(tiles: list[Image.Image], min_tile: int = 128) -> Image.Image:
+    """Tiles side by side, each scaled up (nearest) to at least `min_tile` pixels for viewing."""
+    side = max(tiles[0].width, min_tile)
+    grid = Image.new("RGB", (side * len(tiles), side), "white")
+    for k, tile in enumerate(tiles):
+        grid.paste(tile.resize((side, side), Image.Resampling.NEAREST), (k * side, 0))
+    return grid
+
+
+def read_prompts(prompts: list[str] | str) -> list[dict]:
+    """A prompts.jsonl of an invert run (each row: image_id, prompt, source), or prompt texts."""
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(texts) == 1 and texts[0].endswith(".jsonl"):
+        path = Path(texts[0])
+        if not path.is_file():
+            raise InputError(f"prompts={texts[0]}: no such file (give an invert run's prompts.jsonl or prompt texts)")
+        rows = read_jsonl(path)
+        if not rows or any("prompt" not in r for r in rows):
+            raise InputError(f"prompts={texts[0]}: expected one JSON object with a 'prompt' per line")
+        return rows
+    return [{"image_id": f"prompt_{k:03d}", "prompt": text} for k, text in enumerate(texts)]
+
+
+def generate_grids(
+    prompts: list[str] | str | None = None,
+    out: str = "runs/generate",
+    model: str = "demo",
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    steps: int = 50,
+    guidance: float = 7.5,
+    negative_prompt: str = "",
+    device: str = "auto",
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+    local_files_only: bool = False,
+) -> None:
+    """Diverse images from each prompt: one grid PNG per prompt (the target image first when the
+    prompts come from an invert run), plus generated.jsonl naming each grid.
+
+    Args:
+        prompts: an invert run's prompts.jsonl, or one or more prompt texts.
+        out: output folder; a prompt whose grid exists already is skipped (re-running resumes).
+        images_per_prompt: images (seeds) per prompt; image k of a prompt is reproducible from `seed`.
+        device: "auto" takes the GPU when there is one.
+    """
+    if not prompts:
+        raise InputError("prompts: give an invert run's prompts.jsonl or prompt texts (--prompts ...)")
+    rows = read_prompts(prompts)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    backbone = Backbone.from_pretrained(model, dtype=dtypes[dtype], device=device, local_files_only=local_files_only)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        stem = row["image_id"].rsplit(".", 1)[0].replace("/", "__")
+        path = out_dir / f"{stem}.png"
+        if path.is_file():
+            continue
+        images = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed, negative_prompt)
+        tiles = [Image.fromarray(a) for a in ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()]
+        if row.get("source") and Path(row["source"]).is_file():
+            with Image.open(row["source"]) as target:
+                tiles.insert(0, to_rgb(target).resize((tiles[0].width, tiles[0].height), Image.Resampling.BICUBIC))
+        tmp = path.with_name(path.stem + ".tmp.png")
+        image_grid(tiles).save(tmp)
+        os.replace(tmp, path)
+        append_line(out_dir / "generated.jsonl", {"image_id": row["image_id"], "prompt": row["prompt"],
+                                                  "grid": path.name, "seed": seed, "images": images_per_prompt})
+        print(f"{path}  {row['prompt']}")

@@ -44,6 +44,12 @@ class PromptInversion(L.LightningModule):
             "ph2p", one set per step for "lbfgs" (its curvature pairs need one function a step).
         eval_draws: size of the fixed per-image (t, noise) set that scores prompts across steps.
         metric, ascii_only, whole_words, english_words, allow, deny, no_repeat: the vocabulary.
+        negative_weight: w of negative-image prompting (the paper's Algorithm 2, which uses 1): with
+            negative images in the data, each image minimises L(target) − w · L(negative).
+        negative_margin: the guard against that objective running away: the negative term counts
+            only up to L(target) + margin, so once the negative image fits `margin` worse than the
+            target, raising its loss further buys nothing and only L(target) is lowered (a prompt
+            of nonsense that fits neither image cannot win). None: the paper's unguarded objective.
         batch_size: images inverted together in one U-Net batch (set from data.batch_size).
         seed: seeds the sampler and random initialisation, per image id.
         dtype: dtype of the frozen model; the soft prompt stays float32 (L-BFGS needs it).
@@ -74,6 +80,8 @@ class PromptInversion(L.LightningModule):
         allow: list[str] | None = None,
         deny: list[str] | None = None,
         no_repeat: bool = False,
+        negative_weight: float = 1.0,
+        negative_margin: float | None = 0.05,
         batch_size: int = 1,
         seed: int = 0,
         dtype: Literal["float32", "float16", "bfloat16"] = "float32",
@@ -86,6 +94,7 @@ class PromptInversion(L.LightningModule):
         self.soft_prompt: torch.nn.Parameter | None = None
         self.image_ids: list[str] = []
         self.step_in_batch = 0
+        self._negative_latents: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -160,6 +169,20 @@ class PromptInversion(L.LightningModule):
         )
         return losses.view(b, K).mean(1)
 
+    def objective(self, prompt_embeds: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What each image minimises, (b,): its diffusion loss, less the guarded loss of its
+        negative image when it has one (same t and noise for both, so the difference is low-variance)."""
+        if self._negative_latents is None:
+            return self.prompt_losses(prompt_embeds, self._latents, t, noise)
+        # Target and negative in one U-Net batch.
+        both = self.prompt_losses(torch.cat([prompt_embeds, prompt_embeds]), torch.cat([self._latents, self._negative_latents]),
+                                  torch.cat([t, t]), torch.cat([noise, noise]))
+        losses, negative = both.chunk(2)
+        margin = self.hparams.negative_margin
+        if margin is not None:
+            negative = torch.minimum(negative, (losses + margin).detach())
+        return losses - self.hparams.negative_weight * negative
+
     def project(self, soft: torch.Tensor) -> torch.Tensor:
         """Proj_E: nearest vocabulary token per position, (b, L, D) -> ids (b, L)."""
         return self.vocab.project_no_repeat(soft) if self.hparams.no_repeat else self.vocab.project(soft)
@@ -171,7 +194,7 @@ class PromptInversion(L.LightningModule):
     def score(self, ids: torch.Tensor) -> torch.Tensor:
         """Loss of hard prompts (b, L) on each image's fixed (t, noise) set: (b,)."""
         t, noise = self._fixed
-        return self.prompt_losses(self.token_embeds(ids), self._latents, t, noise)
+        return self.objective(self.token_embeds(ids), t, noise)
 
     def _draws(self) -> tuple[torch.Tensor, torch.Tensor]:
         shape = self.backbone.latent_shape
@@ -186,6 +209,8 @@ class PromptInversion(L.LightningModule):
         self.step_in_batch = 0
         self.started = time.perf_counter()
         self._latents = self.backbone.encode_images(batch["pixels"]).float()  # (b, C, h, w)
+        negatives = batch.get("negative_pixels")
+        self._negative_latents = None if negatives is None else self.backbone.encode_images(negatives).float()
         shape = self.backbone.latent_shape
         t, noise = zip(*(self.sampler.fixed(i, shape) for i in self.image_ids))
         self._fixed = (torch.stack(t).to(self.device), torch.stack(noise).to(self.device))
@@ -236,7 +261,7 @@ class PromptInversion(L.LightningModule):
             # 0): the loss then depends on the projected tokens only, not on rounding of ê, and an
             # unchanged projection gives an unchanged loss (L-BFGS's stopping rule reads that).
             prompt = projected + (soft - soft.detach())
-            losses = self.prompt_losses(prompt, self._latents, t, noise)
+            losses = self.objective(prompt, t, noise)
             self.manual_backward(losses.sum())  # sum: each image's gradient is its own
             return torch.nn.functional.pad(losses.detach(), (0, self.soft_prompt.shape[0] - b))
 

@@ -44,9 +44,14 @@ def test_closure_runs_max_iter_times_per_step(tiny_model, image_folder, tmp_path
     module = _module(tiny_model, optimizer=optimizer, steps=2, max_iter=4, max_step=None)
     with mock.patch.object(module, "prompt_losses", wraps=module.prompt_losses) as losses:
         trainer = _fit(module, image_folder, tmp_path, limit=1)
-    # 2 steps x 4 closure evaluations; scoring for results adds none (it is not in the closure)
+    # 2 steps x 4 closure evaluations; scoring for results adds none (it is not in the closure).
+    # L-BFGS may stop a step early, as torch's does, when the loss stops changing (here: when
+    # the projection did not move, so the loss at it is the same to the bit).
     closure_calls = [c for c in losses.call_args_list if c.args[0].requires_grad]
-    assert len(closure_calls) == 2 * 4
+    if optimizer == "ph2p":
+        assert len(closure_calls) == 2 * 4
+    else:
+        assert 2 <= len(closure_calls) <= 2 * 4
     assert trainer.global_step == 2  # Lightning counts optimiser steps, not evaluations
 
 
@@ -166,3 +171,58 @@ def test_adam_ablation_runs_one_evaluation_per_step(tiny_model, image_folder, tm
     with mock.patch.object(module, "prompt_losses", wraps=module.prompt_losses) as losses:
         _fit(module, image_folder, tmp_path, limit=1)
     assert len([c for c in losses.call_args_list if c.args[0].requires_grad]) == 3
+
+
+def test_negative_image_objective_is_guarded(tiny_model):
+    """L(target) − w·min(L(negative), L(target) + margin); past the margin only L(target) pulls."""
+    module = _module(tiny_model, negative_weight=1.0, negative_margin=0.05)
+    module.setup("fit")
+    g = torch.Generator().manual_seed(0)
+    module._latents = torch.randn((2, *module.backbone.latent_shape), generator=g)
+    module._negative_latents = torch.randn((2, *module.backbone.latent_shape), generator=g)
+    t, noise = torch.tensor([[600], [700]]), torch.randn((2, 1, *module.backbone.latent_shape), generator=g)
+    prompt = torch.randn(2, 4, module.soft_prompt.shape[-1], generator=g).requires_grad_()
+    target = module.prompt_losses(prompt, module._latents, t, noise)
+    negative = module.prompt_losses(prompt, module._negative_latents, t, noise)
+    objective = module.objective(prompt, t, noise)
+    expected = target - torch.minimum(negative, target + 0.05)
+    assert torch.allclose(objective, expected, atol=1e-6)
+    module.hparams.negative_margin = None  # the paper's objective
+    assert torch.allclose(module.objective(prompt, t, noise), target - negative, atol=1e-6)
+    module.hparams.negative_margin = -10.0  # always capped: the gradient is that of L(target) alone
+    (grad,) = torch.autograd.grad(module.objective(prompt, t, noise).sum(), prompt)
+    (alone,) = torch.autograd.grad(module.prompt_losses(prompt, module._latents, t, noise).sum(), prompt)
+    assert torch.allclose(grad, alone, atol=1e-6)
+
+
+def test_negatives_pair_by_name_mapping_or_one_file(tiny_model, image_folder, tmp_path):
+    import json
+
+    from ph2p_lit.errors import InputError
+
+    def negatives_of(negatives):
+        data = ImageDataModule(root=image_folder, model=tiny_model, negatives=str(negatives), batch_size=2, steps=1)
+        data.setup("fit")
+        return {it["image_id"]: it["negative_source"] for it in data.images.items}
+
+    one = f"{image_folder}/img3.png"
+    assert set(negatives_of(one).values()) == {one}
+    assert negatives_of(image_folder)["img1.png"] == f"{image_folder}/img1.png"
+    mapping = tmp_path / "pairs.jsonl"
+    mapping.write_text("".join(json.dumps({"image": f"img{i}.png", "negative": f"{image_folder}/img{3 - i}.png"}) + "\n"
+                               for i in range(3)))
+    with pytest.raises(InputError, match="no negative image for img3.png"):
+        negatives_of(mapping)
+
+
+def test_inversion_with_a_negative_image_records_it(tiny_model, image_folder, tmp_path):
+    module = _module(tiny_model, steps=2, max_iter=1)
+    data = ImageDataModule(root=image_folder, batch_size=1, steps=2, model=tiny_model, limit=2,
+                           negatives=f"{image_folder}/img3.png")
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[BestPromptTracker(every_n_steps=1), ResultsWriter()])
+    with mock.patch.object(module, "prompt_losses", wraps=module.prompt_losses) as losses:
+        trainer.fit(module, datamodule=data)
+    rows = read_jsonl(tmp_path / "prompts.jsonl")
+    assert [r["negative_source"] for r in rows] == [f"{image_folder}/img3.png"] * 2
+    assert all(c.args[1].shape[0] == 2 for c in losses.call_args_list)  # target and negative in one batch

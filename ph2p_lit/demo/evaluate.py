@@ -3,12 +3,14 @@
 - prompt scores: is the true colour/shape/background word in the prompt, and is it the only
   value of its attribute there ("exact": a prompt listing every colour gets no credit);
 - oracle agreement: the oracle reads images generated from a prompt or caption;
-- timestep sensitivity (the paper's Fig. 2b): loss gap between the true and a wrong caption.
+- timestep sensitivity (the paper's Fig. 2b): loss gap between the true and a wrong caption;
+- attention IoU: the shape word's cross-attention map against the rendered object's mask.
 """
 
 import numpy as np
 import torch
 
+from ..attention import normalise, prompt_tokens, token_attention
 from ..backbone import Backbone
 from ..generate import generate
 from .oracle import AttributeOracle
@@ -101,3 +103,27 @@ def _wrong_caption(scene: Scene, rng: np.random.Generator) -> str:
         others = [v for v in ATTRIBUTE_VALUES[a] if v != getattr(scene, a)]
         changed[a] = str(rng.choice(others))
     return Scene(**{**vars(scene), **changed}).caption
+
+
+@torch.no_grad()
+def attention_iou(
+    backbone: Backbone, n: int = 20, seed: int = 12, t_min: int = 100, t_max: int = 900, n_timesteps: int = 8,
+    prompts: list[str] | None = None, threshold: float = 0.5,
+) -> list[dict]:
+    """Per render: IoU of each content word's attention map (min-max normalised, > threshold)
+    with the object mask (coverage > 0.5); None where the prompt lacks the word.
+    prompts: None uses the true captions."""
+    images, scenes, cover = make_renders(n, seed, masks=True)
+    prompts = prompts or [s.caption for s in scenes]
+    latents = backbone.encode_images(to_tensor(images))
+    maps = token_attention(backbone, latents, backbone.encode_text(prompts), t_min, t_max, n_timesteps).cpu().numpy()
+    rows = []
+    for m, scene, mask, prompt in zip(maps, scenes, cover > 0.5, prompts):
+        position = {text: pos for pos, text in prompt_tokens(backbone, prompt)}
+        row = {}
+        for a in CONTENT_ATTRIBUTES:
+            word = getattr(scene, a)
+            hot = normalise(m[position[word]]) > threshold if word in position else None
+            row[a] = None if hot is None else float((hot & mask).sum() / (hot | mask).sum())
+        rows.append(row)
+    return rows

@@ -134,12 +134,13 @@ def render(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return np.round(image).astype(np.uint8), coverage[..., 0]
 
 
-def make_renders(n: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
-    """n renders of random scenes: (images uint8 (n, H, W, 3), scenes)."""
+def make_renders(n: int, seed: int, masks: bool = False) -> tuple:
+    """n renders of random scenes: (images uint8 (n, H, W, 3), scenes[, object coverage (n, H, W)])."""
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng) for _ in range(n)]
-    images = np.stack([render(scene, rng)[0] for scene in scenes])
-    return images, scenes
+    drawn = [render(scene, rng) for scene in scenes]
+    images = np.stack([image for image, _ in drawn])
+    return (images, scenes, np.stack([cover for _, cover in drawn])) if masks else (images, scenes)
 
 
 def export_imagefolder(root: str | os.PathLike, n: int, seed: int) -> Path:

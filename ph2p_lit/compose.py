@@ -1,0 +1,133 @@
+"""Evolutionary multi-concept composition (the paper's Fig. 5), written as one HTML page.
+
+Invert concept A and concept B, join their prompts, generate, invert the generated image to get
+one prompt for the pair, join it with concept C's prompt, generate again, and so on.
+"""
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .backbone import Backbone
+from .callbacks import read_jsonl
+from .data import IMAGE_EXTENSIONS
+from .errors import InputError
+from .generate import generate, image_grid
+
+
+def _invert(images: list[Path], run_dir: Path, config: str, overrides: list[str]) -> list[dict]:
+    """Invert these images (copied into run_dir/images) with `ph2p invert`; rows by image."""
+    from .cli import invert  # the CLI imports this module's siblings; import at use
+
+    folder = run_dir / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, path in enumerate(images):
+        with Image.open(path) as image:
+            image.convert("RGB").save(folder / f"{k:03d}_{path.stem}.png")
+    invert([f"--config={config}", f"--data.root={folder}", f"--trainer.default_root_dir={run_dir}", *overrides])
+    return sorted(read_jsonl(run_dir / "prompts.jsonl"), key=lambda r: r["image_id"])
+
+
+def _concept_images(concept: str) -> list[Path]:
+    path = Path(concept)
+    if path.is_dir():
+        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    else:
+        images = [path] if path.is_file() else []
+    if not images:
+        raise InputError(f"concepts: {concept} is neither an image nor a folder with images")
+    return images
+
+
+def _data_uri(image: Image.Image, size: int = 128) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").resize((size, size), Image.Resampling.NEAREST).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def compose(
+    concepts: list[str] | None = None,
+    out: str = "runs/compose",
+    config: str = "configs/demo.yaml",
+    model: str | None = None,
+    invert_overrides: list[str] | None = None,
+    images_per_prompt: int = 4,
+    steps: int = 50,
+    guidance: float = 7.5,
+    seed: int = 0,
+) -> Path:
+    """Compose concepts in order: A + B, then (A B) + C, ... Writes out/compose.html (images
+    embedded, opens offline) and returns its path.
+
+    Args:
+        concepts: two or more images or folders; a folder is a set whose best prompt (lowest
+            loss) stands for it.
+        config: the `ph2p invert` config used for every inversion.
+        model: the model that inverts and generates; None: the config's model.model.
+        invert_overrides: extra `ph2p invert` options, e.g. ["--model.steps=100"].
+        images_per_prompt: images generated from each joined prompt; the first is inverted next.
+    """
+    if not concepts or len(concepts) < 2:
+        raise InputError("concepts: give two or more images or folders (--concepts [a.png, b.png, c.png])")
+    sets = [_concept_images(c) for c in concepts]
+    out_dir, overrides = Path(out), list(invert_overrides or [])
+    if model is None:
+        import yaml
+
+        model = (yaml.safe_load(Path(config).read_text()) or {}).get("model", {}).get("model", "demo")
+    overrides.append(f"--model.model={model}")
+    rows = _invert([p for s in sets for p in s], out_dir / "concepts", config, overrides)
+    by_set, k = [], 0
+    for s in sets:  # each set's rows, in the order they were copied
+        by_set.append(min(rows[k : k + len(s)], key=lambda r: r.get("best_loss", r["final_loss"])))
+        k += len(s)
+
+    backbone = Backbone.from_pretrained(model, device="cuda" if torch.cuda.is_available() else "cpu")
+    stages, carried = [], by_set[0]
+    for n, concept in enumerate(by_set[1:], start=1):
+        joined = f"{carried['prompt']} {concept['prompt']}"
+        images = generate(backbone, [joined] * images_per_prompt, steps, guidance, seed + n)
+        tiles = [Image.fromarray(a) for a in ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()]
+        stage_dir = out_dir / f"stage{n}"
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        image_grid(tiles).save(stage_dir / "generated.png")
+        tiles[0].save(stage_dir / "first.png")
+        carried = _invert([stage_dir / "first.png"], stage_dir / "inverted", config, overrides)[0]
+        stages.append({"inputs": [stages[-1]["tiles"][0] if stages else Image.open(by_set[0]["source"]),
+                                  Image.open(concept["source"])],
+                       "prompts": [stages[-1]["evolved"] if stages else by_set[0]["prompt"], concept["prompt"]],
+                       "joined": joined, "tiles": tiles, "evolved": carried["prompt"]})
+    path = out_dir / "compose.html"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(_html(stages, concepts))
+    os.replace(tmp, path)
+    print(f"\n{len(stages)} composition stage(s): {path}")
+    for s in stages:
+        print(f"  {s['prompts'][0]}  +  {s['prompts'][1]}  ->  {s['evolved']}")
+    return path
+
+
+def _html(stages: list[dict], concepts: list[str]) -> str:
+    def img(image: Image.Image) -> str:
+        return f'<img src="{_data_uri(image)}" width="128" height="128">'
+
+    rows = []
+    for n, s in enumerate(stages, start=1):
+        inputs = "".join(f"<figure>{img(i)}<figcaption>{html.escape(p)}</figcaption></figure>"
+                         for i, p in zip(s["inputs"], s["prompts"]))
+        generated = "".join(img(t) for t in s["tiles"])
+        rows.append(
+            f"<section><h2>Stage {n}</h2><div class=row>{inputs}</div>"
+            f"<p>joined prompt: <code>{html.escape(s['joined'])}</code></p><div class=row>{generated}</div>"
+            f"<p>prompt recovered from the first generated image: <code>{html.escape(s['evolved'])}</code></p></section>"
+        )
+    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto}.row{display:flex;gap:8px;flex-wrap:wrap}"
+             "figure{margin:0}figcaption{font-size:12px;max-width:128px}img{image-rendering:pixelated}")
+    title = "Composition of " + html.escape(", ".join(concepts))
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>{title}</title><style>{style}</style></head>"
+            f"<body><h1>{title}</h1>{''.join(rows)}</body></html>\n")

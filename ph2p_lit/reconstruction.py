@@ -1,0 +1,239 @@
+"""Reconstruction and editing with recovered prompts (NPI) in Lightning's predict step.
+
+`ph2p reconstruct` = Trainer.predict over PromptedImages with this module; ReconstructionWriter
+writes the images, one JSON line per image with PSNR and LPIPS against the target, token
+attention maps on request, and the table at the end.
+"""
+
+import hashlib
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from .attention import heat_grid, prompt_tokens, token_attention
+from .backbone import Backbone
+from .callbacks import append_line, read_jsonl
+from .errors import InputError
+from .inversion import _DTYPES
+from .generate import strength_steps
+from .npi import apply_edit, ddim_invert, reconstruct
+
+LPIPS_WEIGHTS = {  # torchvision backbones lpips loads; offline they must already be in torch's hub cache
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+
+
+def check_lpips_weights(net: str, backbone_weights: Literal["pretrained", "random"]) -> None:
+    """Offline, torchvision's backbone weights must already be in torch's hub cache."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_WEIGHTS[net]
+    if backbone_weights == "pretrained" and not path.is_file():
+        raise InputError(
+            f"model.lpips_net={net!r}: LPIPS needs torchvision's {LPIPS_WEIGHTS[net]} in {path.parent} "
+            "(fetch it once online), or set model.lpips_backbone=random"
+        )
+
+
+def load_lpips(net: str, backbone_weights: Literal["pretrained", "random"]):
+    """LPIPS (the `lpips` package; its linear layers ship with it). "random" uses a randomly
+    initialised backbone (lpips' pnet_rand): it still ranks distortions, but it is not the
+    published metric, and numbers from it are labelled so."""
+    import lpips
+
+    check_lpips_weights(net, backbone_weights)
+    torch.manual_seed(0)  # a random backbone is the same one every run
+    with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
+        warnings.simplefilter("ignore", UserWarning)
+        metric = lpips.LPIPS(net=net, pnet_rand=backbone_weights == "random", verbose=False)
+    return metric.eval().requires_grad_(False)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Reconstruction(L.LightningModule):
+    """Negative-prompt inversion of each image with its prompt, then reconstruction or an edit.
+
+    Args:
+        model: diffusers-layout SD checkpoint (folder or hub id); "demo" is the shipped model.
+        steps: DDIM steps of the inversion and of the reverse pass.
+        strength: the fraction of those steps used: 1 inverts to pure noise (the paper); less
+            stops the inversion part-way, so an edit keeps more of the image's layout.
+        guidance: classifier-free guidance scale of the reverse pass.
+        negative: "prompt" is NPI (the source prompt is the negative); "empty" is the baseline
+            NPI improves on (DDIM inversion with the empty prompt as the negative).
+        edit: None reconstructs; word substitutions "red->green, star->heart" or a full prompt
+            make an edit (condition: the edited prompt; negative: as `negative` says).
+        attention_maps: also write each token's cross-attention map (PNG grid and .npz arrays).
+        attention_t_min, attention_t_max, attention_timesteps: the window and number of timesteps
+            the maps are averaged over.
+        lpips_net, lpips_backbone: LPIPS network and its backbone weights ("random" offline).
+        latent_cache: folder keeping DDIM-inverted latents for repeated edits (None: the run
+            folder's inverted/).
+        dtype, local_files_only: as for `ph2p invert`.
+    """
+
+    def __init__(
+        self,
+        model: str = "demo",
+        steps: int = 50,
+        strength: float = 1.0,
+        guidance: float = 7.5,
+        negative: Literal["prompt", "empty"] = "prompt",
+        edit: str | None = None,
+        attention_maps: bool = False,
+        attention_t_min: int = 500,
+        attention_t_max: int = 900,
+        attention_timesteps: int = 8,
+        lpips_net: Literal["alex", "vgg", "squeeze"] = "alex",
+        lpips_backbone: Literal["pretrained", "random"] = "pretrained",
+        latent_cache: str | None = None,
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        local_files_only: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        # Bad settings fail here, before any model or image is loaded.
+        if edit is not None:
+            apply_edit("", edit)
+        strength_steps(steps, strength)
+        check_lpips_weights(lpips_net, lpips_backbone)
+        self.backbone: Backbone | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.backbone is None:
+            hp = self.hparams
+            self.lpips = load_lpips(hp.lpips_net, hp.lpips_backbone).to(self.device)
+            self.backbone = Backbone.from_pretrained(hp.model, dtype=_DTYPES[hp.dtype], device=self.device,
+                                                     local_files_only=hp.local_files_only)
+
+    # ---------------------------------------------------------------- inverted latents, cached
+    def _cache_path(self, image_id: str, prompt: str) -> Path:
+        hp = self.hparams
+        key = hashlib.sha1(f"{hp.model}|{hp.dtype}|{hp.steps}|{hp.strength}|{image_id}|{prompt}".encode()).hexdigest()[:16]
+        folder = Path(hp.latent_cache or Path(self.trainer.default_root_dir) / "inverted")
+        return folder / f"{key}.pt"
+
+    def inverted_latents(self, latents: torch.Tensor, cond: torch.Tensor, image_ids, prompts) -> torch.Tensor:
+        """x_T per image: read from the cache, or DDIM-inverted (together) and written to it."""
+        paths = [self._cache_path(i, p) for i, p in zip(image_ids, prompts)]
+        self.cache_hit = all(p.is_file() for p in paths)
+        if self.cache_hit:
+            return torch.stack([torch.load(p, map_location=self.device) for p in paths])
+        inverted = ddim_invert(self.backbone, latents, cond, self.hparams.steps, self.hparams.strength)
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for path, x in zip(paths, inverted):
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(x.clone().cpu(), tmp)
+            os.replace(tmp, path)  # atomic: a killed run never leaves half a tensor
+        return inverted
+
+    # ---------------------------------------------------------------- predict
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        hp, bb = self.hparams, self.backbone
+        started = time.perf_counter()
+        b = len(batch["image_id"])
+        targets = batch["pixels"].to(self.device)
+        latents = bb.encode_images(targets).float()
+        source = bb.encode_text(batch["prompt"])
+        inverted = self.inverted_latents(latents, source, batch["image_id"], batch["prompt"])
+        edits = [e or hp.edit for e in batch.get("edit", [None] * b)]  # a line's own edit wins
+        prompts = [apply_edit(p, e) if e else p for p, e in zip(batch["prompt"], edits)]
+        target = bb.encode_text(prompts) if any(edits) else None
+        negative = bb.encode_text([""] * b) if hp.negative == "empty" else None
+        images = bb.decode_latents(reconstruct(bb, inverted, source, target, negative, hp.guidance, hp.steps, hp.strength))
+        seconds = (time.perf_counter() - started) / b
+        psnr = peak_signal_noise_ratio((images + 1) / 2, (targets.float() + 1) / 2, data_range=1.0,
+                                       reduction="none", dim=(1, 2, 3))
+        lpips = self.lpips_distance(images, targets.float())
+        records = [
+            {"image_id": i, "source_prompt": p, "prompt": q, "negative": hp.negative, "guidance": hp.guidance,
+             "steps": hp.steps, "strength": hp.strength, "cached_inversion": self.cache_hit, "psnr": round(float(s), 3), "lpips": round(float(d), 4), "seconds": round(seconds, 3)}
+            for i, p, q, s, d in zip(batch["image_id"], batch["prompt"], prompts, psnr, lpips)
+        ]
+        out = {"records": records, "images": to_uint8(images), "targets": to_uint8(targets)}
+        if hp.attention_maps:
+            hidden = bb.encode_text(prompts)
+            maps = token_attention(bb, latents, hidden, hp.attention_t_min, hp.attention_t_max, hp.attention_timesteps)
+            out["attention"] = [self._token_maps(m, q) for m, q in zip(maps.cpu().numpy(), prompts)]
+        return out
+
+    def lpips_distance(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per image; images under 64 px are up-sampled to 64 first (AlexNet's pooling needs it)."""
+        if images.shape[-1] < 64:
+            images, targets = (F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+                               for x in (images, targets))
+        return self.lpips(images, targets).flatten()
+
+    def _token_maps(self, maps: np.ndarray, prompt: str) -> dict:
+        tokens = prompt_tokens(self.backbone, prompt)
+        return {"tokens": [t for _, t in tokens], "maps": maps[[p for p, _ in tokens]]}
+
+
+class ReconstructionWriter(BasePredictionWriter):
+    """Per image: images/<id>.png (the result), a line in reconstructions.jsonl and, with
+    attention maps, attention/<id>.png + .npz. At the end: the table."""
+
+    def __init__(self, dirpath: str | None = None):
+        super().__init__(write_interval="batch")
+        self.dirpath = dirpath
+
+    def setup(self, trainer, pl_module, stage):
+        self.run_dir = Path(self.dirpath or trainer.default_root_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        for k, record in enumerate(prediction["records"]):
+            stem = record["image_id"].rsplit(".", 1)[0]
+            _save_png(Image.fromarray(prediction["images"][k]), self.run_dir / "images" / f"{stem}.png")
+            if "attention" in prediction:
+                att = prediction["attention"][k]
+                _save_png(heat_grid(prediction["targets"][k], att["maps"], att["tokens"]),
+                          self.run_dir / "attention" / f"{stem}.png")
+                tmp = self.run_dir / "attention" / f"{stem}.tmp.npz"
+                np.savez_compressed(tmp, maps=att["maps"], tokens=np.array(att["tokens"]))
+                os.replace(tmp, self.run_dir / "attention" / f"{stem}.npz")
+            rank = trainer.global_rank
+            name = "reconstructions.jsonl" if rank == 0 else f"reconstructions.rank{rank}.jsonl"
+            append_line(self.run_dir / name, {**record, "source": batch["source"][k], "caption": batch["caption"][k]})
+
+    def on_predict_end(self, trainer, pl_module):
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            print_reconstructions(self.run_dir)
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def print_reconstructions(run_dir: Path) -> None:
+    """Per-image PSNR / LPIPS table and the mean, from every rank's reconstructions*.jsonl."""
+    rows = sorted((r for p in run_dir.glob("reconstructions*.jsonl") for r in read_jsonl(p)),
+                  key=lambda r: r["image_id"])
+    if not rows:
+        return
+    width = max(len(r["image_id"]) for r in rows)
+    print(f"\n{'image':<{width}}  {'PSNR dB':>7}  {'LPIPS':>6}  {'s/img':>6}  prompt")
+    for r in rows:
+        print(f"{r['image_id']:<{width}}  {r['psnr']:>7.2f}  {r['lpips']:>6.4f}  {r['seconds']:>6.2f}  {r['prompt']}")
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "lpips", "seconds")}
+    print(f"{'mean':<{width}}  {mean['psnr']:>7.2f}  {mean['lpips']:>6.4f}  {mean['seconds']:>6.2f}  "
+          f"({len(rows)} images, negative={rows[0]['negative']}, guidance {rows[0]['guidance']}, {rows[0]['steps']} steps)")
+    print(f"results in {run_dir / 'reconstructions.jsonl'}")
