@@ -177,14 +177,17 @@ class ImageDataModule(L.LightningDataModule):
         negatives: str | None = None,
     ):
         super().__init__()
-        if sum(x is not None for x in (root, files, dataset)) != 1:
-            raise InputError("data: give exactly one of data.root (a folder), data.files or data.dataset")
+        self._check_sources(root, files, dataset)
         if negatives is not None and dataset is not None:
             raise InputError("data.negatives: pair negatives with data.root or data.files, not data.dataset")
         if negatives is not None and not Path(negatives).exists():
             raise InputError(f"data.negatives={negatives}: no such file or folder")
         self.save_hyperparameters()
         self.failures: list[dict] = []
+
+    def _check_sources(self, root, files, dataset) -> None:
+        if sum(x is not None for x in (root, files, dataset)) != 1:
+            raise InputError("data: give exactly one of data.root (a folder), data.files or data.dataset")
 
     def _resolution(self) -> int:
         if self.hparams.resolution:
@@ -359,15 +362,22 @@ class PromptedImages(ImageDataModule):
         num_workers: int = 0,
         skip_done: bool = True,
     ):
-        L.LightningDataModule.__init__(self)
         if (prompts is None) == (prompt is None):
             raise InputError("data: give data.prompts (a prompts.jsonl from `ph2p invert`) or data.prompt "
                              "(one text prompt) with data.root or data.files")
         if prompt is not None and (root is None) == (files is None):
             raise InputError("data.prompt: give the images too, as data.root (a folder) or data.files")
-        self.save_hyperparameters()
-        self.hparams.dataset = None
-        self.failures: list[dict] = []
+        if prompts is not None and (root is not None or files is not None):
+            raise InputError("data.prompts names each line's image; leave out data.root and data.files")
+        given = dict(root=root, files=files, limit=limit, batch_size=batch_size, resolution=resolution, model=model,
+                     local_files_only=local_files_only, num_workers=num_workers, skip_done=skip_done)
+        super().__init__(**given)
+        # save_hyperparameters reads constructor frames, which differ between a direct call and
+        # LightningCLI's; state every key the parent's methods read.
+        self.hparams.update(prompts=prompts, prompt=prompt, dataset=None, negatives=None, **given)
+
+    def _check_sources(self, root, files, dataset) -> None:
+        pass  # checked above: a prompts file, or a prompt with root or files
 
     def _file_items(self) -> list[dict]:
         hp = self.hparams
