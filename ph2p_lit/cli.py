@@ -28,6 +28,7 @@ DEFAULT_CALLBACKS = [
     {"class_path": "ph2p_lit.callbacks.ResultsWriter"},
     {"class_path": "ph2p_lit.callbacks.PromptLogger"},
     {"class_path": "ph2p_lit.callbacks.PromptProgressBar"},
+    {"class_path": "ph2p_lit.report.HTMLReport"},  # after ResultsWriter: it reads the merged results
 ]
 
 

@@ -37,6 +37,9 @@ def test_print_config_round_trip_and_results_per_image(tiny_model, image_folder,
     rows = read_jsonl(run_dir / "prompts.jsonl")
     assert sorted(r["image_id"] for r in rows) == [f"img{i}.png" for i in range(4)]
     assert (run_dir / "config.yaml").is_file()
+    report = (run_dir / "report.html").read_text()  # written by every run (HTMLReport is a default callback)
+    assert all(f"<td>img{i}.png</td>" in report for i in range(4))
+    assert report.count("data:image/png;base64,") == 2 * 4  # each image's target and generated grid
     from ph2p_lit.backbone import Backbone
     from ph2p_lit.vocab import Vocabulary
 
