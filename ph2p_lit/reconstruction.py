@@ -117,6 +117,7 @@ class Reconstruction(L.LightningModule):
         if self.backbone is None:
             hp = self.hparams
             self.lpips = load_lpips(hp.lpips_net, hp.lpips_backbone).to(self.device)
+            self.lpips_name = hp.lpips_net + ("" if hp.lpips_backbone == "pretrained" else ", random backbone")
             self.backbone = Backbone.from_pretrained(hp.model, dtype=_DTYPES[hp.dtype], device=self.device,
                                                      local_files_only=hp.local_files_only)
 
@@ -161,7 +162,7 @@ class Reconstruction(L.LightningModule):
         lpips = self.lpips_distance(images, targets.float())
         records = [
             {"image_id": i, "source_prompt": p, "prompt": q, "negative": hp.negative, "guidance": hp.guidance,
-             "steps": hp.steps, "strength": hp.strength, "cached_inversion": self.cache_hit, "psnr": round(float(s), 3), "lpips": round(float(d), 4), "seconds": round(seconds, 3)}
+             "steps": hp.steps, "strength": hp.strength, "cached_inversion": self.cache_hit, "psnr": round(float(s), 3), "lpips": round(float(d), 4), "lpips_net": self.lpips_name, "seconds": round(seconds, 3)}
             for i, p, q, s, d in zip(batch["image_id"], batch["prompt"], prompts, psnr, lpips)
         ]
         out = {"records": records, "images": to_uint8(images), "targets": to_uint8(targets)}
@@ -235,5 +236,6 @@ def print_reconstructions(run_dir: Path) -> None:
         print(f"{r['image_id']:<{width}}  {r['psnr']:>7.2f}  {r['lpips']:>6.4f}  {r['seconds']:>6.2f}  {r['prompt']}")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "lpips", "seconds")}
     print(f"{'mean':<{width}}  {mean['psnr']:>7.2f}  {mean['lpips']:>6.4f}  {mean['seconds']:>6.2f}  "
-          f"({len(rows)} images, negative={rows[0]['negative']}, guidance {rows[0]['guidance']}, {rows[0]['steps']} steps)")
+          f"({len(rows)} images, negative={rows[0]['negative']}, guidance {rows[0]['guidance']}, {rows[0]['steps']} steps; "
+          f"LPIPS: {rows[0].get('lpips_net', 'alex')})")
     print(f"results in {run_dir / 'reconstructions.jsonl'}")
