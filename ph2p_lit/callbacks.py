@@ -7,6 +7,7 @@ callback switched on or off in the config's trainer.callbacks.
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -23,6 +24,13 @@ def append_line(path: Path, record: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a crash leaves the old file (or none), never half a new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -55,24 +63,62 @@ class PromptLogger(L.Callback):
 
 
 class BestPromptTracker(L.Callback):
-    """Keep, per image, the projected prompt with the lowest loss on its fixed (t, noise) set.
+    """Keep, per image, the best projected prompt seen; it replaces the final prompt in the
+    results (the final one is kept as `final_prompt`).
 
-    Scored every `every_n_steps` and at the last step; the best replaces the final prompt in the
-    results (the final one is kept as `final_prompt`). `patience` > 0 stops an image early once
-    its best loss has not improved for that many scorings (a plateau).
+    Scored every `every_n_steps` and at the last step. `select_by`:
+    - "loss" (default): the lowest loss on the image's fixed (t, noise) set; costs one U-Net batch.
+    - "clip": the highest CLIP similarity between the target and an image generated from the
+      prompt (the authors' criterion; `clip_model` names the CLIPModel).
+    - "oracle": the same with the demo world's attribute oracle in CLIP's place.
+    The image-based criteria generate with `generation_steps` DDIM steps and CFG `guidance`, from
+    the same noise for every prompt, so they cost a generation per scoring.
+    `patience` > 0 stops an image early once its best score has not improved for that many
+    scorings (a plateau).
     """
 
-    def __init__(self, every_n_steps: int = 10, patience: int = 0, min_delta: float = 0.0):
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        patience: int = 0,
+        min_delta: float = 0.0,
+        select_by: Literal["loss", "clip", "oracle"] = "loss",
+        clip_model: str = "openai/clip-vit-large-patch14",
+        generation_steps: int = 20,
+        guidance: float = 7.5,
+        local_files_only: bool = False,
+    ):
         self.every_n_steps, self.patience, self.min_delta = every_n_steps, patience, min_delta
+        self.select_by, self.clip_model, self.local_files_only = select_by, clip_model, local_files_only
+        self.generation_steps, self.guidance = generation_steps, guidance
+        self.similarity = None
         self.best: dict[str, dict] = {}
 
-    def _update(self, pl_module) -> None:
+    def setup(self, trainer, pl_module, stage):
+        if self.select_by != "loss" and self.similarity is None:
+            from .similarity import load_similarity
+
+            self.similarity = load_similarity(self.select_by, self.clip_model, pl_module.device, self.local_files_only)
+
+    def _scores(self, pl_module, ids: torch.Tensor, losses: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        """Lower is better: the loss, or minus the target-generated similarity."""
+        if self.select_by == "loss":
+            return losses.tolist()
+        from .generate import generate
+
+        prompts = [pl_module.vocab.decode(row) for row in ids.tolist()]
+        generated = generate(pl_module.backbone, prompts, self.generation_steps, self.guidance, shared_noise=True)
+        return (-self.similarity(targets[: len(prompts)], generated)).tolist()
+
+    def _update(self, pl_module, targets: torch.Tensor) -> None:
         ids = pl_module.current_ids()
         losses = pl_module.score(ids)
-        for image_id, row, loss in zip(pl_module.image_ids, ids, losses.tolist()):
+        scores = self._scores(pl_module, ids, losses, targets)
+        for image_id, row, loss, score in zip(pl_module.image_ids, ids, losses.tolist(), scores):
             best = self.best.get(image_id)
-            if best is None or loss < best["loss"] - self.min_delta:
-                self.best[image_id] = {"loss": loss, "ids": row.tolist(), "step": pl_module.step_in_batch, "stale": 0}
+            if best is None or score < best["score"] - self.min_delta:
+                self.best[image_id] = {"score": score, "loss": loss, "ids": row.tolist(),
+                                       "step": pl_module.step_in_batch, "stale": 0}
             else:
                 best["stale"] += 1
 
@@ -87,7 +133,7 @@ class BestPromptTracker(L.Callback):
         if not outputs:
             return
         if pl_module.step_in_batch % self.every_n_steps == 0 or pl_module.step_in_batch == 1 or outputs["finished"]:
-            self._update(pl_module)
+            self._update(pl_module, batch["pixels"])
         for record in outputs["finished"]:
             best = self.best.pop(record["image_id"])
             record.update(
@@ -96,12 +142,14 @@ class BestPromptTracker(L.Callback):
                 best_loss=best["loss"],
                 best_step=best["step"],
             )
+            if self.select_by != "loss":
+                record.update(selected_by=self.select_by, best_similarity=-best["score"])
 
     def state_dict(self) -> dict:
         return {"best": self.best}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.best = state_dict["best"]
+        self.best = {k: {"score": v["loss"], **v} for k, v in state_dict["best"].items()}  # "score" is newer
 
 
 class ResultsWriter(L.Callback):
@@ -142,9 +190,7 @@ class ResultsWriter(L.Callback):
         final = self.run_dir / "prompts.jsonl"
         rank_files = sorted(self.run_dir.glob("prompts.rank*.jsonl"))
         rows = {r["image_id"]: r for path in [final, *rank_files] if path.is_file() for r in read_jsonl(path)}
-        tmp = final.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
-        os.replace(tmp, final)
+        write_text_atomic(final, "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
         for path in rank_files:
             path.unlink()
 

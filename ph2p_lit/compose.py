@@ -7,14 +7,13 @@ one prompt for the pair, join it with concept C's prompt, generate again, and so
 import base64
 import html
 import io
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from .backbone import Backbone
-from .callbacks import read_jsonl
+from .callbacks import read_jsonl, write_text_atomic
 from .data import IMAGE_EXTENSIONS
 from .errors import InputError
 from .generate import generate, image_grid
@@ -103,9 +102,7 @@ def compose(
                        "prompts": [stages[-1]["evolved"] if stages else by_set[0]["prompt"], concept["prompt"]],
                        "joined": joined, "tiles": tiles, "evolved": carried["prompt"]})
     path = out_dir / "compose.html"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(_html(stages, concepts))
-    os.replace(tmp, path)
+    write_text_atomic(path, _html(stages, concepts))
     print(f"\n{len(stages)} composition stage(s): {path}")
     for s in stages:
         print(f"  {s['prompts'][0]}  +  {s['prompts'][1]}  ->  {s['evolved']}")

@@ -71,10 +71,14 @@ def generate(
     guidance: float = 7.5,
     seed: int = 0,
     negative_prompt: str = "",
+    shared_noise: bool = False,
 ) -> torch.Tensor:
-    """One image per prompt, in [-1, 1]: (B, 3, H, W). Seeded per call, so reproducible."""
+    """One image per prompt, in [-1, 1]: (B, 3, H, W). Seeded per call, so reproducible.
+    shared_noise: every prompt starts from the same noise, so an image does not depend on the
+    others in the batch (for comparing prompts)."""
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn((len(prompts), *backbone.latent_shape), generator=g).to(backbone.device)
+    latents = torch.randn((1 if shared_noise else len(prompts), *backbone.latent_shape), generator=g)
+    latents = latents.expand(len(prompts), -1, -1, -1).to(backbone.device)
     cond = backbone.encode_text(prompts)
     negative = backbone.encode_text([negative_prompt] * len(prompts))
     return backbone.decode_latents(denoise(backbone, latents, cond, negative, guidance, steps))

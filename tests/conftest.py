@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
 from ph2p_lit.backbone import DEMO_MODEL
 from ph2p_lit.demo.architecture import build_components, save_pipeline
@@ -40,6 +40,19 @@ def image_folder(tmp_path_factory) -> str:
         lines.append(f'{{"file_name": "img{i}.png", "text": "caption {i}"}}')
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A tiny random CLIPModel and its image processor, saved as transformers saves them."""
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(small, vocab_size=100),
+                        vision_config=dict(small, image_size=32, patch_size=8), projection_dim=16)
+    path = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture()

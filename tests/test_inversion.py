@@ -4,6 +4,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
 
 from ph2p_lit.callbacks import BestPromptTracker, ResultsWriter, read_jsonl
 from ph2p_lit.data import ImageDataModule
@@ -226,3 +227,34 @@ def test_inversion_with_a_negative_image_records_it(tiny_model, image_folder, tm
     rows = read_jsonl(tmp_path / "prompts.jsonl")
     assert [r["negative_source"] for r in rows] == [f"{image_folder}/img3.png"] * 2
     assert all(c.args[1].shape[0] == 2 for c in losses.call_args_list)  # target and negative in one batch
+
+
+def test_best_prompt_by_clip_similarity_keeps_the_most_similar_scored_prompt(tiny_model, image_folder, tiny_clip,
+                                                                             tmp_path):
+    """select_by=clip: the kept prompt is, of every prompt scored, the one whose generated image
+    is most CLIP-similar to its own target; the record's similarity is that image's."""
+    from ph2p_lit.data import to_pixels
+    from ph2p_lit.generate import generate
+    from ph2p_lit.similarity import ClipSimilarity
+
+    module = _module(tiny_model, steps=4, batch_size=2, lr=20.0)
+    tracker = BestPromptTracker(every_n_steps=1, select_by="clip", clip_model=tiny_clip, generation_steps=3,
+                                local_files_only=True)
+    scored = []
+    update = tracker._update
+    tracker._update = lambda pl_module, targets: (scored.append(pl_module.current_ids().tolist()),
+                                                  update(pl_module, targets))
+    _fit(module, image_folder, tmp_path, callbacks=[tracker, ResultsWriter()], limit=2)
+    rows = {r["image_id"]: r for r in read_jsonl(tmp_path / "prompts.jsonl")}
+    clip = ClipSimilarity(tiny_clip, local_files_only=True)
+    for k, image_id in enumerate(["img0.png", "img1.png"]):
+        with Image.open(f"{image_folder}/{image_id}") as image:
+            target = to_pixels(image, module.backbone.resolution)[None]
+        candidates = {tuple(ids[k]) for ids in scored}
+        texts = [module.vocab.decode(list(ids)) for ids in candidates]
+        sims = clip(target.expand(len(texts), -1, -1, -1),
+                    generate(module.backbone, texts, 3, 7.5, shared_noise=True)).tolist()
+        row = rows[image_id]
+        assert row["selected_by"] == "clip" and len(candidates) > 1
+        assert row["best_similarity"] == pytest.approx(max(sims), abs=1e-4)
+        assert row["prompt"] == texts[sims.index(max(sims))]
