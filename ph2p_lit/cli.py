@@ -19,6 +19,7 @@ COMMANDS = {
     "invert": "recover a prompt per image (PH2P); writes prompts.jsonl in the run folder",
     "reconstruct": "rebuild or edit images from their prompts (negative-prompt inversion), with PSNR/LPIPS",
     "generate": "images from prompts, several seeds each, one grid per prompt",
+    "evaluate": "measure a run's prompts: CLIP, LPIPS, BERTScore (and the demo world's oracle)",
     "compose": "compose concepts: invert A and B, join prompts, generate, invert again, add C (HTML)",
     "train-demo": "train the demo model and its oracle on the procedural world",
 }
@@ -111,6 +112,12 @@ def generate(args: list[str]) -> None:
     CLI(generate_grids, args=args)
 
 
+def evaluate(args: list[str]) -> None:
+    from .evaluation import evaluate as run
+
+    CLI(run, args=args)
+
+
 def compose(args: list[str]) -> None:
     from .compose import compose as run
 
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"ph2p: unknown command {argv[0]!r}")
         return
     try:
-        commands = {"invert": invert, "reconstruct": reconstruct, "generate": generate, "compose": compose,
+        commands = {"invert": invert, "reconstruct": reconstruct, "generate": generate, "evaluate": evaluate, "compose": compose,
                     "train-demo": train_demo}
         commands[argv[0]](argv[1:])
     except InputError as e:

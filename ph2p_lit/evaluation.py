@@ -1,0 +1,196 @@
+"""`ph2p evaluate`: the paper's measures over a run's prompts.jsonl.
+
+Per prompt, K images are generated; then
+- CLIP image-image similarity, target vs each generated image (transformers CLIPModel, named);
+- LPIPS distance target vs generated (lower: closer) and LPIPS diversity among the generated;
+- BERTScore precision / recall / F1 of the prompt against the caption, where there is one;
+- on the demo model: content-word precision / recall / F1 against the caption's attributes, and
+  how often the oracle reads the caption's attributes in the generated images.
+Writes metrics.jsonl (per image) and metrics.json (means and every setting) next to the prompts.
+"""
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+from .backbone import Backbone
+from .callbacks import append_line, read_jsonl, write_text_atomic
+from .data import to_pixels
+from .errors import InputError
+from .generate import generate
+from .reconstruction import load_lpips
+from .report import SETTINGS, write_report
+from .similarity import ClipSimilarity, OracleSimilarity, load_offline
+
+
+def content_word_scores(prompt: str, caption: str) -> dict[str, float]:
+    """Precision / recall / F1 of the demo world's content words in the prompt vs the caption."""
+    from .demo.world import CONTENT_ATTRIBUTES, attributes_in_text
+
+    named, truth = attributes_in_text(prompt), attributes_in_text(caption)
+    predicted = {(a, v) for a in CONTENT_ATTRIBUTES for v in named[a]}
+    true = {(a, v) for a in CONTENT_ATTRIBUTES for v in truth[a]}
+    hits = len(predicted & true)
+    precision = hits / len(predicted) if predicted else 0.0
+    recall = hits / len(true) if true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+    return {"word_precision": precision, "word_recall": recall, "word_f1": f1}
+
+
+def evaluate(
+    prompts: str | None = None,
+    model: str = "demo",
+    images_per_prompt: int = 4,
+    steps: int = 50,
+    guidance: float = 7.5,
+    seed: int = 0,
+    clip_model: str | None = "openai/clip-vit-large-patch14",
+    bert_model: str | None = "roberta-large",
+    bert_layers: int | None = 17,
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex",
+    lpips_backbone: Literal["pretrained", "random"] = "pretrained",
+    demo_measures: bool | None = None,
+    local_files_only: bool = False,
+    device: str = "auto",
+) -> dict:
+    """Evaluate a run's recovered prompts; returns the means written to metrics.json.
+
+    Args:
+        prompts: the run's prompts.jsonl; metrics.jsonl and metrics.json go beside it.
+        model: the model that generates (the one the prompts were recovered with).
+        images_per_prompt: K images generated per prompt (seeds seed..), DDIM `steps`, CFG `guidance`.
+        clip_model: a CLIPModel (hub id or folder); null skips CLIP similarity.
+        bert_model, bert_layers: BERTScore's model and layer (torchmetrics; roberta-large layer 17
+            is BERTScore's default); null skips it.
+        lpips_net, lpips_backbone: as for `ph2p reconstruct`.
+        demo_measures: content-word P/R/F1 and oracle agreement; None: on when model is "demo".
+    """
+    if not prompts or not Path(prompts).is_file():
+        raise InputError(f"prompts={prompts}: give an invert run's prompts.jsonl")
+    rows = sorted(read_jsonl(prompts), key=lambda r: r["image_id"])
+    if not rows:
+        raise InputError(f"prompts={prompts}: no prompts in it yet; let the invert run finish an image first")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    demo = model == "demo" if demo_measures is None else demo_measures
+    settings = {"model": model, "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
+                "seed": seed, "clip_model": clip_model, "bert_model": bert_model, "bert_layers": bert_layers,
+                "lpips": lpips_net + ("" if lpips_backbone == "pretrained" else ", random backbone"),
+                "demo_measures": demo}
+    measures = _Measures(settings, lpips_net, lpips_backbone, device, local_files_only)
+    backbone = Backbone.from_pretrained(model, device=device, local_files_only=local_files_only)
+
+    # metrics.jsonl is appended to as each image is done; a rerun with the same settings keeps
+    # those lines and goes on with the rest (a run that dies loses at most one image's work).
+    out_dir = Path(prompts).parent
+    per_image = out_dir / "metrics.jsonl"
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    done = {r["image_id"]: r for r in read_jsonl(per_image) if r.get("settings") == key} if per_image.is_file() else {}
+    kept = [done[r["image_id"]] for r in rows if r["image_id"] in done and done[r["image_id"]]["prompt"] == r["prompt"]]
+    write_text_atomic(per_image, "".join(json.dumps(r) + "\n" for r in kept))
+    records = {r["image_id"]: r for r in kept}
+    for row in rows:
+        if row["image_id"] in records:
+            continue
+        source = Path(row.get("source", ""))
+        if not source.is_file():
+            raise InputError(f"{prompts}: image {row['image_id']}: source {str(source)!r} not found; "
+                             "run evaluate from the folder the invert run ran in")
+        with Image.open(source) as image:
+            target = to_pixels(image, backbone.resolution)[None].to(device)
+        generated = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed).to(device)
+        record = {"image_id": row["image_id"], "prompt": row["prompt"], "settings": key}
+        record.update(measures(target, generated, row["prompt"], row.get("caption", "")))
+        append_line(per_image, record)
+        records[row["image_id"]] = record
+
+    names = [k for r in records.values() for k in r if k not in ("image_id", "prompt", "settings")]
+    means = {k: float(np.mean([r[k] for r in records.values() if k in r])) for k in dict.fromkeys(names)}
+    summary = {"images": len(records), "means": means, "settings": settings}
+    write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
+    measured = {k: {m: v for m, v in r.items() if m not in ("image_id", "prompt", "settings")} for k, r in records.items()}
+    report = write_report(out_dir, backbone, _run_settings(out_dir), min(images_per_prompt, 3), steps, guidance, seed,
+                          measured)
+    _print(summary, out_dir)
+    print(f"report with these measures: {report}")
+    return summary
+
+
+def _run_settings(run_dir: Path) -> dict:
+    """The inversion settings, from the run's config.yaml (LightningCLI writes it) when there is one."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return {}
+    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
+    return {k: model[k] for k in SETTINGS if k in model}
+
+
+class _Measures:
+    """Every measure of one target, its K generated images, its prompt and caption."""
+
+    def __init__(self, settings: dict, lpips_net: str, lpips_backbone: str, device, local_files_only: bool):
+        self.clip = ClipSimilarity(settings["clip_model"], device, local_files_only) if settings["clip_model"] else None
+        self.bert = None
+        if settings["bert_model"]:
+            from torchmetrics.text.bert import BERTScore
+
+            def bertscore(name: str, local_files_only: bool):
+                if not Path(name).is_dir():  # BERTScore itself would go to the network: resolve it first
+                    from huggingface_hub import snapshot_download
+
+                    name = snapshot_download(name, local_files_only=local_files_only)
+                return BERTScore(model_name_or_path=name, num_layers=settings["bert_layers"], device=device)
+
+            self.bert = load_offline("bert_model", settings["bert_model"], bertscore, local_files_only)
+        self.lpips = load_lpips(lpips_net, lpips_backbone).to(device)
+        self.oracle = OracleSimilarity(device) if settings["demo_measures"] else None
+
+    def __call__(self, target: torch.Tensor, generated: torch.Tensor, prompt: str, caption: str) -> dict:
+        out = _image_measures(target, generated, self.clip, self.lpips)
+        if self.bert is not None and caption:
+            score = self.bert([prompt], [caption])
+            out.update({f"bertscore_{k}": float(score[k]) for k in ("precision", "recall", "f1")})
+        if self.oracle is not None:
+            out["oracle_similarity"] = float(self.oracle(target.expand_as(generated), generated).mean())
+            if caption:
+                from .demo.world import CONTENT_ATTRIBUTES, attributes_in_text
+
+                out.update(content_word_scores(prompt, caption))
+                truth = attributes_in_text(caption)
+                reads = self.oracle.oracle.read(generated.float())
+                out["oracle_agreement"] = float(np.mean([r[a] in truth[a] for r in reads for a in CONTENT_ATTRIBUTES]))
+        return out
+
+
+def _image_measures(target: torch.Tensor, generated: torch.Tensor, clip, lpips) -> dict:
+    def lp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if a.shape[-1] < 64:  # AlexNet's pooling needs 64 px
+            a, b = (F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False) for x in (a, b))
+        return lpips(a, b).flatten()
+
+    k = generated.shape[0]
+    out = {"lpips_to_target": float(lp(target.expand(k, -1, -1, -1), generated).mean())}
+    pairs = list(itertools.combinations(range(k), 2))
+    if pairs:
+        i, j = (list(x) for x in zip(*pairs))
+        out["lpips_diversity"] = float(lp(generated[i], generated[j]).mean())
+    if clip is not None:
+        out["clip_similarity"] = float((clip.embed(generated) @ clip.embed(target).T).mean())
+    return out
+
+
+def _print(summary: dict, out_dir: Path) -> None:
+    s = summary["settings"]
+    print(f"\n{summary['images']} prompts, {s['images_per_prompt']} images each (DDIM {s['steps']}, CFG {s['guidance']}); "
+          f"CLIP: {s['clip_model']}; BERTScore: {s['bert_model']}; LPIPS: {s['lpips']}")
+    print("| measure | mean |\n|---|---|")
+    for k, v in summary["means"].items():
+        print(f"| {k} | {v:.4f} |")
+    print(f"\nper image: {out_dir / 'metrics.jsonl'}; summary: {out_dir / 'metrics.json'}")

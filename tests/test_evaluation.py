@@ -1,0 +1,148 @@
+"""`ph2p evaluate` and image similarity, with tiny randomly initialised CLIP and BERT models
+saved in the Hugging Face layout, so the real `from_pretrained` loaders run offline."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from ph2p_lit import evaluation
+from ph2p_lit.backbone import DEMO_MODEL
+from ph2p_lit.callbacks import read_jsonl
+from ph2p_lit.errors import InputError
+from ph2p_lit.evaluation import content_word_scores, evaluate
+from ph2p_lit.similarity import ClipSimilarity, OracleSimilarity
+
+PH2P = [sys.executable, "-m", "ph2p_lit.cli"]
+DEMO_IMAGES = Path(DEMO_MODEL).parent / "images"
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bert")
+    words = "a an on the red green blue star circle square white gray background caption large small".split()
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    return str(path)
+
+
+def _prompts(tmp_path: Path, image_folder: str, prompts: list[str]) -> Path:
+    meta = read_jsonl(Path(image_folder) / "metadata.jsonl")
+    path = tmp_path / "run" / "prompts.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"image_id": m["file_name"], "prompt": p, "caption": m["text"],
+                                        "source": str(Path(image_folder) / m["file_name"])}) + "\n"
+                            for m, p in zip(meta, prompts)))
+    return path
+
+
+def test_clip_similarity_is_one_for_the_same_image_and_less_otherwise(tiny_clip):
+    clip = ClipSimilarity(tiny_clip, local_files_only=True)
+    a, b = torch.rand(2, 3, 40, 40) * 2 - 1, torch.rand(2, 3, 40, 40) * 2 - 1
+    assert torch.allclose(clip(a, a), torch.ones(2), atol=1e-5)
+    assert (clip(a, b) < 0.9999).all()
+
+
+def test_oracle_similarity_ranks_a_matching_render_above_a_different_one():
+    from ph2p_lit.demo.train import to_tensor
+    from ph2p_lit.demo.world import make_renders
+
+    images, scenes = make_renders(40, seed=11)
+    x = to_tensor(images)
+    oracle = OracleSimilarity()
+    same = [(i, j) for i in range(40) for j in range(i + 1, 40)
+            if (scenes[i].colour, scenes[i].shape, scenes[i].background)
+            == (scenes[j].colour, scenes[j].shape, scenes[j].background)]
+    differ = [(i, j) for i in range(40) for j in range(i + 1, 40)
+              if scenes[i].colour != scenes[j].colour and scenes[i].shape != scenes[j].shape][:50]
+    assert differ
+    sim_differ = oracle(x[[i for i, _ in differ]], x[[j for _, j in differ]])
+    assert sim_differ.mean() < 0.5
+    assert torch.allclose(oracle(x[:5], x[:5]), oracle(x[:5], x[:5]))
+    if same:
+        assert oracle(x[[i for i, _ in same]], x[[j for _, j in same]]).mean() > 0.8
+    assert oracle(x[:10], x[:10]).mean() > 0.8
+
+
+def test_content_words_precision_recall():
+    scores = content_word_scores("red star red zebra", "a red star on a blue background")
+    assert scores["word_precision"] == 1.0 and scores["word_recall"] == pytest.approx(2 / 3)
+    assert content_word_scores("green circle", "a red star on a blue background")["word_f1"] == 0.0
+
+
+def test_evaluate_writes_every_measure_and_resumes(tmp_path, tiny_model, image_folder, tiny_clip, tiny_bert,
+                                                   monkeypatch, capsys):
+    prompts = _prompts(tmp_path, image_folder, ["caption 0", "red star", "green circle"])
+    kw = dict(model=tiny_model, images_per_prompt=2, steps=2, clip_model=tiny_clip, bert_model=tiny_bert,
+              bert_layers=1, lpips_backbone="random", local_files_only=True, device="cpu")
+    calls = []
+    real_generate = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+
+    summary = evaluate(str(prompts), **kw)
+    rows = read_jsonl(prompts.parent / "metrics.jsonl")
+    assert [r["image_id"] for r in rows] == ["img0.png", "img1.png", "img2.png"] and len(calls) == 3
+    for key in ("clip_similarity", "lpips_to_target", "lpips_diversity", "bertscore_precision", "bertscore_f1"):
+        assert key in summary["means"] and all(key in r for r in rows)
+    assert -1 <= summary["means"]["clip_similarity"] <= 1 and summary["means"]["lpips_diversity"] > 0
+    # The prompt equal to its caption scores BERTScore 1; the others less.
+    assert rows[0]["bertscore_f1"] == pytest.approx(1.0, abs=1e-4)
+    assert max(rows[1]["bertscore_f1"], rows[2]["bertscore_f1"]) < 0.999
+    assert json.loads((prompts.parent / "metrics.json").read_text())["means"] == summary["means"]
+    assert "| clip_similarity |" in capsys.readouterr().out
+    assert "oracle_agreement" not in summary["means"]  # not the demo model
+
+    # A run that died after two images: the rerun does only the third.
+    lines = (prompts.parent / "metrics.jsonl").read_text().splitlines()
+    (prompts.parent / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    calls.clear()
+    assert evaluate(str(prompts), **kw)["means"] == pytest.approx(summary["means"])
+    assert len(calls) == 1
+    # Other settings: everything is measured again.
+    calls.clear()
+    evaluate(str(prompts), **dict(kw, seed=1))
+    assert len(calls) == 3 and len(read_jsonl(prompts.parent / "metrics.jsonl")) == 3
+
+
+def test_missing_weights_name_what_to_fetch(tmp_path, image_folder, tiny_model):
+    prompts = _prompts(tmp_path, image_folder, ["a", "b", "c"])
+    with pytest.raises(InputError, match=r"clip_model='no-such/clip'.*huggingface-cli download no-such/clip"):
+        evaluate(str(prompts), model=tiny_model, clip_model="no-such/clip", bert_model=None, local_files_only=True)
+    with pytest.raises(InputError, match=r"bert_model='no-such/bert'"):
+        evaluate(str(prompts), model=tiny_model, clip_model=None, bert_model="no-such/bert", local_files_only=True)
+    with pytest.raises(InputError, match="prompts="):
+        evaluate(str(tmp_path / "none.jsonl"))
+
+
+def test_ph2p_evaluate_on_demo_prompts_prints_the_table_and_writes_json(tmp_path):
+    meta = read_jsonl(DEMO_IMAGES / "metadata.jsonl")[:2]
+    run = tmp_path / "run"
+    run.mkdir()
+    prompts = [meta[0]["text"], "zebra tuesday"]  # the true caption, and words of no attribute
+    (run / "prompts.jsonl").write_text("".join(
+        json.dumps({"image_id": m["file_name"], "prompt": p, "caption": m["text"],
+                    "source": str(DEMO_IMAGES / m["file_name"])}) + "\n" for m, p in zip(meta, prompts)))
+    out = subprocess.run([*PH2P, "evaluate", "--config", "configs/evaluate_demo.yaml",
+                          f"--prompts={run / 'prompts.jsonl'}", "--steps=20", "--images_per_prompt=2"],
+                         capture_output=True, text=True, check=True).stdout
+    summary = json.loads((run / "metrics.json").read_text())
+    for key in ("lpips_to_target", "oracle_similarity", "word_f1", "oracle_agreement"):
+        assert f"| {key} |" in out and key in summary["means"]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert rows[0]["word_f1"] == 1.0 and rows[1]["word_f1"] == 0.0
+    assert rows[0]["oracle_agreement"] > rows[1]["oracle_agreement"]
+    assert rows[0]["oracle_similarity"] > rows[1]["oracle_similarity"]
+    report = (run / "report.html").read_text()  # the run's report, now with the measures
+    assert "<th>oracle_agreement</th>" in report and all(m["file_name"] in report for m in meta)
+
+    bad = subprocess.run([*PH2P, "evaluate", "--config", "configs/evaluate_demo.yaml", f"--prompts={run / 'prompts.jsonl'}",
+                          "--clip_model=no-such/clip", "--local_files_only=true"], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("ph2p evaluate: error: clip_model=")
