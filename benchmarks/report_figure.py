@@ -1,62 +1,39 @@
-"""The README's picture of a run's report.html, drawn from the files the page is built from.
+"""The README's picture of a run's report.html: the page itself, rendered.
 
-python benchmarks/report_figure.py --run runs/demo [--rows 4] [--out docs/report.png]
+pip install -c constraints.txt -e '.[docs]'
+python benchmarks/report_figure.py --run runs/demo [--width 1900] [--height 760] [--out docs/report.png]
 
 Run after `make demo` and `ph2p evaluate --config configs/evaluate_demo.yaml`. There is no
-browser on our machines to screenshot the page, so this draws the same table (target, prompt,
-report/<image>.png, caption, loss and the evaluate measures) with PIL.
+browser on our machines to take a screenshot, so MuPDF's HTML engine (PyMuPDF's Story) lays the
+page out; the picture is its first screen, width x height CSS pixels.
 """
 
 import argparse
+import io
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
-from ph2p_lit.callbacks import read_jsonl
-
-ROW, TARGET = 104, 96
-MEASURES = ("lpips_to_target", "oracle_similarity", "word_f1", "oracle_agreement")
+import pymupdf
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/demo")
-    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--width", type=int, default=1900)
+    p.add_argument("--height", type=int, default=760)
     p.add_argument("--out", default="docs/report.png")
     args = p.parse_args()
-    run = Path(args.run)
-    rows = sorted(read_jsonl(run / "prompts.jsonl"), key=lambda r: r["image_id"])[: args.rows]
-    metrics = {m["image_id"]: m for m in read_jsonl(run / "metrics.jsonl")} if (run / "metrics.jsonl").is_file() else {}
-    font, bold = ImageFont.load_default(13), ImageFont.load_default(15)
-    columns = [("target", 110), ("recovered prompt", 340), ("generated from it", 310), ("caption", 300),
-               ("best loss", 80)] + [(m, 130) for m in MEASURES if metrics]
-    width = sum(w for _, w in columns) + 20
-    sheet = Image.new("RGB", (width, 60 + ROW * len(rows)), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((10, 8), f"ph2p run {run.name}  (report.html, {len(read_jsonl(run / 'prompts.jsonl'))} images)",
-              font=bold, fill="black")
-    x = 10
-    for name, w in columns:
-        draw.text((x, 36), name, font=font, fill="black")
-        x += w
-    for i, row in enumerate(rows):
-        y = 56 + i * ROW
-        draw.line((10, y, width - 10, y), fill="#ddd")
-        stem = row["image_id"].replace("/", "__").rsplit(".", 1)[0]
-        cells = [Image.open(row["source"]).convert("RGB").resize((TARGET, TARGET), Image.Resampling.NEAREST),
-                 row["prompt"], Image.open(run / "report" / f"{stem}.png").convert("RGB"),
-                 row.get("caption", ""), f"{row['best_loss']:.4f}"]
-        cells += [f"{metrics[row['image_id']][m]:.3f}" for m in MEASURES if metrics]
-        x = 10
-        for (_, w), cell in zip(columns, cells):
-            if isinstance(cell, Image.Image):
-                scale = TARGET / cell.height
-                sheet.paste(cell.resize((int(cell.width * scale), TARGET), Image.Resampling.NEAREST), (x, y + 4))
-            else:
-                draw.text((x, y + ROW // 2 - 8), cell, font=font, fill="black")
-            x += w
-    sheet.save(args.out)
-    print(f"wrote {args.out}")
+    story = pymupdf.Story(html=(Path(args.run) / "report.html").read_text())
+    page = pymupdf.Rect(0, 0, args.width, args.height)
+    pdf_bytes = io.BytesIO()
+    writer = pymupdf.DocumentWriter(pdf_bytes)
+    device = writer.begin_page(page)
+    story.place(page + (16, 16, -16, -16))  # the first screen; the rest of the page is not drawn
+    story.draw(device)
+    writer.end_page()
+    writer.close()
+    pdf = pymupdf.open("pdf", pdf_bytes.getvalue())
+    pdf[0].get_pixmap(dpi=72).save(args.out)
+    print(f"{args.out}: the first {args.width} x {args.height} px of {Path(args.run) / 'report.html'}")
 
 
 if __name__ == "__main__":
