@@ -16,7 +16,7 @@ from .backbone import Backbone
 from .callbacks import read_jsonl, write_text_atomic
 from .data import IMAGE_EXTENSIONS
 from .errors import InputError
-from .generate import generate, image_grid
+from .generate import generate, image_grid, to_uint8
 
 
 def _invert(images: list[Path], run_dir: Path, config: str, overrides: list[str]) -> list[dict]:
@@ -91,7 +91,7 @@ def compose(
     for n, concept in enumerate(by_set[1:], start=1):
         joined = f"{carried['prompt']} {concept['prompt']}"
         images = generate(backbone, [joined] * images_per_prompt, steps, guidance, seed + n)
-        tiles = [Image.fromarray(a) for a in ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()]
+        tiles = [Image.fromarray(a) for a in to_uint8(images)]
         stage_dir = out_dir / f"stage{n}"
         stage_dir.mkdir(parents=True, exist_ok=True)
         image_grid(tiles).save(stage_dir / "generated.png")

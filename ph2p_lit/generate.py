@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
@@ -84,6 +85,11 @@ def generate(
     return backbone.decode_latents(denoise(backbone, latents, cond, negative, guidance, steps))
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def image_grid(tiles: list[Image.Image], min_tile: int = 128) -> Image.Image:
     """Tiles side by side, each scaled up (nearest) to at least `min_tile` pixels for viewing."""
     side = max(tiles[0].width, min_tile)
@@ -143,7 +149,7 @@ def generate_grids(
         if path.is_file():
             continue
         images = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed, negative_prompt)
-        tiles = [Image.fromarray(a) for a in ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()]
+        tiles = [Image.fromarray(a) for a in to_uint8(images)]
         if row.get("source") and Path(row["source"]).is_file():
             with Image.open(row["source"]) as target:
                 tiles.insert(0, to_rgb(target).resize((tiles[0].width, tiles[0].height), Image.Resampling.BICUBIC))

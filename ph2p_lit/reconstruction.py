@@ -25,7 +25,7 @@ from .backbone import Backbone
 from .callbacks import append_line, read_jsonl
 from .errors import InputError
 from .inversion import _DTYPES
-from .generate import strength_steps
+from .generate import strength_steps, to_uint8
 from .npi import apply_edit, ddim_invert, reconstruct
 
 LPIPS_WEIGHTS = {  # torchvision backbones lpips loads; offline they must already be in torch's hub cache
@@ -57,11 +57,6 @@ def load_lpips(net: str, backbone_weights: Literal["pretrained", "random"]):
         warnings.simplefilter("ignore", UserWarning)
         metric = lpips.LPIPS(net=net, pnet_rand=backbone_weights == "random", verbose=False)
     return metric.eval().requires_grad_(False)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 class Reconstruction(L.LightningModule):

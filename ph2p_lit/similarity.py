@@ -34,8 +34,9 @@ class ClipSimilarity:
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> unit embeddings (B, D)."""
-        uint8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        pixels = self.processor(images=list(uint8), return_tensors="pt").pixel_values.to(self.device)
+        from .generate import to_uint8
+
+        pixels = self.processor(images=list(to_uint8(images)), return_tensors="pt").pixel_values.to(self.device)
         features = self.model.get_image_features(pixel_values=pixels)
         features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
         return F.normalize(features.float(), dim=-1)
