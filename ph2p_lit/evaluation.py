@@ -27,7 +27,7 @@ from .data import to_pixels
 from .errors import InputError
 from .generate import generate
 from .reconstruction import load_lpips
-from .report import SETTINGS, write_report
+from .report import SETTINGS, grid_path, save_grid, write_report
 from .similarity import ClipSimilarity, OracleSimilarity, load_offline
 
 
@@ -96,6 +96,7 @@ def evaluate(
     kept = [done[r["image_id"]] for r in rows if r["image_id"] in done and done[r["image_id"]]["prompt"] == r["prompt"]]
     write_text_atomic(per_image, "".join(json.dumps(r) + "\n" for r in kept))
     records = {r["image_id"]: r for r in kept}
+    shown = min(images_per_prompt, 3)
     for row in rows:
         if row["image_id"] in records:
             continue
@@ -106,6 +107,8 @@ def evaluate(
         with Image.open(source) as image:
             target = to_pixels(image, backbone.resolution)[None].to(device)
         generated = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed).to(device)
+        # The report shows (the first few of) the images that were measured, not another sample.
+        save_grid(grid_path(out_dir, row, shown, steps, guidance, seed), generated[:shown])
         record = {"image_id": row["image_id"], "prompt": row["prompt"], "settings": key}
         record.update(measures(target, generated, row["prompt"], row.get("caption", "")))
         append_line(per_image, record)
@@ -116,8 +119,7 @@ def evaluate(
     summary = {"images": len(records), "means": means, "settings": settings}
     write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
     measured = {k: {m: v for m, v in r.items() if m not in ("image_id", "prompt", "settings")} for k, r in records.items()}
-    report = write_report(out_dir, backbone, _run_settings(out_dir), min(images_per_prompt, 3), steps, guidance, seed,
-                          measured)
+    report = write_report(out_dir, backbone, _run_settings(out_dir), shown, steps, guidance, seed, measured)
     _print(summary, out_dir)
     print(f"report with these measures: {report}")
     return summary

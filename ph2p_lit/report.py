@@ -2,8 +2,10 @@
 it, losses and time. Images are embedded, so the page opens offline and can be mailed."""
 
 import base64
+import hashlib
 import html
 import io
+import json
 import os
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from PIL import Image
 
 from .callbacks import read_jsonl, write_text_atomic
 from .data import to_rgb
-from .generate import generate, image_grid
+from .generate import generate, image_grid, to_uint8
 
 
 def data_uri(image: Image.Image) -> str:
@@ -27,7 +29,7 @@ class HTMLReport(L.Callback):
     again with its measures.
 
     images_per_prompt: images generated from each recovered prompt (0: none); they are kept in
-        report/<image>.png, so a re-run generates only for new images.
+        report/ (see `grid_path`), so a re-run generates only for new prompts.
     steps, guidance, seed: their DDIM sampling.
     """
 
@@ -56,6 +58,20 @@ def write_report(run_dir: Path, backbone, settings: dict, images_per_prompt: int
     return page
 
 
+def grid_path(run_dir: Path, row: dict, images: int, steps: int, guidance: float, seed: int) -> Path:
+    """Where the report keeps the images generated from a row's prompt. The name carries the
+    prompt and the sampling settings, so a changed prompt or setting never shows a stale grid."""
+    key = hashlib.sha1(json.dumps([row["prompt"], images, steps, guidance, seed]).encode()).hexdigest()[:10]
+    return run_dir / "report" / f"{row['image_id'].replace('/', '__').rsplit('.', 1)[0]}.{key}.png"
+
+
+def save_grid(path: Path, images) -> None:
+    """(K, 3, H, W) in [-1, 1] -> one PNG of K tiles, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([Image.fromarray(a) for a in to_uint8(images)]).save(path.with_suffix(".tmp.png"))
+    os.replace(path.with_suffix(".tmp.png"), path)
+
+
 def _cell(backbone, run_dir: Path, row: dict, images_per_prompt: int, steps: int, guidance: float, seed: int) -> dict:
     side = backbone.resolution
     target = None
@@ -64,13 +80,9 @@ def _cell(backbone, run_dir: Path, row: dict, images_per_prompt: int, steps: int
             target = to_rgb(image).resize((side, side), Image.Resampling.BICUBIC)
     grid = None
     if images_per_prompt:
-        path = run_dir / "report" / (row["image_id"].replace("/", "__").rsplit(".", 1)[0] + ".png")
+        path = grid_path(run_dir, row, images_per_prompt, steps, guidance, seed)
         if not path.is_file():
-            images = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed)
-            tiles = [Image.fromarray(a) for a in ((images + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image_grid(tiles).save(path.with_suffix(".tmp.png"))
-            os.replace(path.with_suffix(".tmp.png"), path)
+            save_grid(path, generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed))
         grid = Image.open(path)
     return {"row": row, "target": target, "grid": grid}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from ph2p_lit import evaluation
+from ph2p_lit import evaluation, report
 from ph2p_lit.backbone import DEMO_MODEL
 from ph2p_lit.callbacks import read_jsonl
 from ph2p_lit.errors import InputError
@@ -86,6 +86,8 @@ def test_evaluate_writes_every_measure_and_resumes(tmp_path, tiny_model, image_f
     calls = []
     real_generate = evaluation.generate
     monkeypatch.setattr(evaluation, "generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    # The report shows the images that were measured; it never samples others.
+    monkeypatch.setattr(report, "generate", lambda *a, **k: pytest.fail("the report generated images again"))
 
     summary = evaluate(str(prompts), **kw)
     rows = read_jsonl(prompts.parent / "metrics.jsonl")
@@ -99,6 +101,8 @@ def test_evaluate_writes_every_measure_and_resumes(tmp_path, tiny_model, image_f
     assert json.loads((prompts.parent / "metrics.json").read_text())["means"] == summary["means"]
     assert "| clip_similarity |" in capsys.readouterr().out
     assert "oracle_agreement" not in summary["means"]  # not the demo model
+    for row in read_jsonl(prompts):
+        assert report.grid_path(prompts.parent, row, 2, 2, 7.5, 0).is_file()
 
     # A run that died after two images: the rerun does only the third.
     lines = (prompts.parent / "metrics.jsonl").read_text().splitlines()
@@ -140,8 +144,8 @@ def test_ph2p_evaluate_on_demo_prompts_prints_the_table_and_writes_json(tmp_path
     assert rows[0]["word_f1"] == 1.0 and rows[1]["word_f1"] == 0.0
     assert rows[0]["oracle_agreement"] > rows[1]["oracle_agreement"]
     assert rows[0]["oracle_similarity"] > rows[1]["oracle_similarity"]
-    report = (run / "report.html").read_text()  # the run's report, now with the measures
-    assert "<th>oracle_agreement</th>" in report and all(m["file_name"] in report for m in meta)
+    page = (run / "report.html").read_text()  # the run's report, now with the measures
+    assert "<th>oracle_agreement</th>" in page and all(m["file_name"] in page for m in meta)
 
     bad = subprocess.run([*PH2P, "evaluate", "--config", "configs/evaluate_demo.yaml", f"--prompts={run / 'prompts.jsonl'}",
                           "--clip_model=no-such/clip", "--local_files_only=true"], capture_output=True, text=True)
