@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ph2p_lit.backbone import Backbone
-from ph2p_lit.callbacks import read_jsonl
+from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.cli import invert
 from ph2p_lit.demo.evaluate import agreement, oracle_reads, prompt_scores, summarise_prompt_scores
 from ph2p_lit.demo.oracle import AttributeOracle

@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from ph2p_lit.backbone import DEMO_MODEL
-from ph2p_lit.callbacks import BestPromptTracker, ResultsWriter, read_jsonl
+from ph2p_lit.callbacks import ResultsWriter
+from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.data import ImageDataModule
 from ph2p_lit.inversion import PromptInversion
 
@@ -28,7 +29,7 @@ def run(batch_size: int, images: int, steps: int, out: Path) -> tuple[float, dic
                            limit=images)
     trainer = L.Trainer(default_root_dir=out, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[BestPromptTracker(every_n_steps=5), ResultsWriter()])
+                        callbacks=[ResultsWriter()])
     module.setup("fit")  # load the model outside the timed part
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ph2p_lit.backbone import Backbone
-from ph2p_lit.callbacks import read_jsonl
+from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.generate import generate
 
 

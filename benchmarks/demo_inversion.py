@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ph2p_lit.backbone import Backbone
-from ph2p_lit.callbacks import read_jsonl
+from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.cli import invert
 from ph2p_lit.demo.evaluate import agreement, oracle_reads, prompt_scores, summarise_prompt_scores
 from ph2p_lit.demo.oracle import AttributeOracle

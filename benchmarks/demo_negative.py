@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ph2p_lit.callbacks import read_jsonl
+from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.cli import invert
 from ph2p_lit.demo.world import ATTRIBUTE_VALUES, CONTENT_ATTRIBUTES, attributes_in_text, render, sample_scene
 

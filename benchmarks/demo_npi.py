@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ph2p_lit.backbone import Backbone
-from ph2p_lit.callbacks import read_jsonl
+from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.cli import invert, reconstruct
 from ph2p_lit.demo.evaluate import attention_iou
 from ph2p_lit.demo.oracle import AttributeOracle

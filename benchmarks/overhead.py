@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from ph2p_lit.backbone import DEMO_MODEL
-from ph2p_lit.callbacks import BestPromptTracker, PromptLogger, PromptProgressBar, ResultsWriter
+from ph2p_lit.callbacks import PromptLogger, PromptProgressBar, ResultsWriter
 from ph2p_lit.data import ImageDataModule, collate
 from ph2p_lit.inversion import PromptInversion
 
@@ -46,7 +46,7 @@ def bare_loop(module: PromptInversion, batch: dict) -> float:
         for _ in range(hp.max_iter):
             t, noise = module._draws()
             projected = module.token_embeds(module.project(soft.detach()))
-            loss = module.prompt_losses(projected + (soft - soft.detach()), latents, t, noise).sum()
+            loss = module.prompt_losses(module.full_prompt(projected + (soft - soft.detach())), latents, t, noise).sum()
             (grad,) = torch.autograd.grad(loss, soft)
             with torch.no_grad():
                 soft -= hp.lr * grad
@@ -80,7 +80,7 @@ def main() -> None:
     for r in range(args.repeats):
         times["bare loop"].append(bare_loop(module, batch))
         times["Trainer, no callbacks"].append(pipeline(module, [], work / f"plain{r}"))
-        demo_callbacks = [BestPromptTracker(every_n_steps=5), ResultsWriter(), PromptLogger(every_n_steps=10),
+        demo_callbacks = [ResultsWriter(), PromptLogger(every_n_steps=10),
                           PromptProgressBar()]
         times["Trainer, demo callbacks"].append(pipeline(module, demo_callbacks, work / f"demo{r}"))
     base = min(times["bare loop"])

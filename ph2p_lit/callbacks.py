@@ -5,7 +5,6 @@ callback switched on or off in the config's trainer.callbacks.
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -13,34 +12,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-
-def append_line(path: Path, record: dict) -> None:
-    """Append one JSON line in a single write and fsync it: a crash leaves whole lines only
-    (at worst a torn last line, which `read_jsonl` skips)."""
-    data = (json.dumps(record) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a crash leaves the old file (or none), never half a new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash mid-write
-    return rows
+from .generate import generate
+from .runfiles import append_line, read_jsonl, write_text_atomic
+from .similarity import load_similarity
 
 
 class PromptLogger(L.Callback):
@@ -63,71 +37,44 @@ class PromptLogger(L.Callback):
 
 
 class BestPromptTracker(L.Callback):
-    """Keep, per image, the best projected prompt seen; it replaces the final prompt in the
-    results (the final one is kept as `final_prompt`).
+    """Choose each image's prompt by the image generated from it, as the authors' code does,
+    instead of by the loss (the module keeps the lowest-loss prompt itself).
 
-    Scored every `every_n_steps` and at the last step. `select_by`:
-    - "loss" (default): the lowest loss on the image's fixed (t, noise) set; costs one U-Net batch.
-    - "clip": the highest CLIP similarity between the target and an image generated from the
-      prompt (the authors' criterion; `clip_model` names the CLIPModel).
-    - "oracle": the same with the demo world's attribute oracle in CLIP's place.
-    The image-based criteria generate with `generation_steps` DDIM steps and CFG `guidance`, from
-    the same noise for every prompt, so they cost a generation per scoring.
-    `patience` > 0 stops an image early once its best score has not improved for that many
-    scorings (a plateau).
+    Every `every_n_steps` (and at the first and last step) the projected prompts are scored by
+    `select_by`: "clip", the CLIP similarity between the target and an image generated from the
+    prompt (`clip_model` names the CLIPModel), or "oracle", the demo world's attribute oracle in
+    CLIP's place. Generation uses `generation_steps` DDIM steps and CFG `guidance` from the same
+    noise for every prompt, so each scoring costs a generation. The chosen prompt replaces
+    `prompt`; the module's (refined) one is kept as `loss_prompt`.
     """
 
     def __init__(
         self,
         every_n_steps: int = 10,
-        patience: int = 0,
-        min_delta: float = 0.0,
-        select_by: Literal["loss", "clip", "oracle"] = "loss",
+        select_by: Literal["clip", "oracle"] = "clip",
         clip_model: str = "openai/clip-vit-large-patch14",
         generation_steps: int = 20,
         guidance: float = 7.5,
         local_files_only: bool = False,
     ):
-        self.every_n_steps, self.patience, self.min_delta = every_n_steps, patience, min_delta
-        self.select_by, self.clip_model, self.local_files_only = select_by, clip_model, local_files_only
-        self.generation_steps, self.guidance = generation_steps, guidance
+        self.every_n_steps, self.select_by, self.clip_model = every_n_steps, select_by, clip_model
+        self.generation_steps, self.guidance, self.local_files_only = generation_steps, guidance, local_files_only
         self.similarity = None
         self.best: dict[str, dict] = {}
 
     def setup(self, trainer, pl_module, stage):
-        if self.select_by != "loss" and self.similarity is None:
-            from .similarity import load_similarity
-
+        if self.similarity is None:
             self.similarity = load_similarity(self.select_by, self.clip_model, pl_module.device, self.local_files_only)
-
-    def _scores(self, pl_module, ids: torch.Tensor, losses: torch.Tensor, targets: torch.Tensor) -> list[float]:
-        """Lower is better: the loss, or minus the target-generated similarity."""
-        if self.select_by == "loss":
-            return losses.tolist()
-        from .generate import generate
-
-        prompts = [pl_module.vocab.decode(row) for row in ids.tolist()]
-        generated = generate(pl_module.backbone, prompts, self.generation_steps, self.guidance, shared_noise=True)
-        return (-self.similarity(targets[: len(prompts)], generated)).tolist()
 
     def _update(self, pl_module, targets: torch.Tensor) -> None:
         ids = pl_module.current_ids()
-        losses = pl_module.score(ids)
-        scores = self._scores(pl_module, ids, losses, targets)
-        for image_id, row, loss, score in zip(pl_module.image_ids, ids, losses.tolist(), scores):
+        prompts = [pl_module.vocab.decode(row) for row in ids.tolist()]
+        generated = generate(pl_module.backbone, prompts, self.generation_steps, self.guidance, shared_noise=True)
+        similarity = self.similarity(targets[: len(prompts)], generated).tolist()
+        for image_id, row, score in zip(pl_module.image_ids, ids.tolist(), similarity):
             best = self.best.get(image_id)
-            if best is None or score < best["score"] - self.min_delta:
-                self.best[image_id] = {"score": score, "loss": loss, "ids": row.tolist(),
-                                       "step": pl_module.step_in_batch, "stale": 0}
-            else:
-                best["stale"] += 1
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        # A plateau on every image of the batch: skip its remaining steps.
-        if self.patience and pl_module.image_ids == list(batch["image_id"]) and all(
-            self.best.get(i, {}).get("stale", 0) >= self.patience for i in pl_module.image_ids
-        ):
-            pl_module.step_in_batch = pl_module.hparams.steps - 1
+            if best is None or score > best["similarity"]:
+                self.best[image_id] = {"similarity": score, "ids": row, "step": pl_module.step_in_batch}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not outputs:
@@ -136,20 +83,14 @@ class BestPromptTracker(L.Callback):
             self._update(pl_module, batch["pixels"])
         for record in outputs["finished"]:
             best = self.best.pop(record["image_id"])
-            record.update(
-                prompt=pl_module.vocab.decode(best["ids"]),
-                token_ids=best["ids"],
-                best_loss=best["loss"],
-                best_step=best["step"],
-            )
-            if self.select_by != "loss":
-                record.update(selected_by=self.select_by, best_similarity=-best["score"])
+            record.update(prompt=pl_module.vocab.decode(best["ids"]), token_ids=best["ids"], loss_prompt=record["prompt"],
+                          selected_by=self.select_by, best_similarity=best["similarity"], selected_step=best["step"])
 
     def state_dict(self) -> dict:
         return {"best": self.best}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.best = {k: {"score": v["loss"], **v} for k, v in state_dict["best"].items()}  # "score" is newer
+        self.best = state_dict["best"]
 
 
 class ResultsWriter(L.Callback):
@@ -201,7 +142,8 @@ class ResultsWriter(L.Callback):
 
 
 class PromptProgressBar(TQDMProgressBar):
-    """The progress bar with image k of n and the current hard prompt of the first image."""
+    """The progress bar with image k of n, the current hard prompt of the first image, and the
+    U-Net sample evaluations spent per image of the batch so far (the cost unit)."""
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
@@ -216,4 +158,5 @@ class PromptProgressBar(TQDMProgressBar):
             with torch.no_grad():
                 ids = pl_module.project(pl_module.soft_prompt[:1])[0]
             metrics["prompt"] = pl_module.vocab.decode(ids.tolist())[:60]
+            metrics["unet/img"] = int(pl_module.unet_evals[: len(pl_module.image_ids)].float().mean())
         return metrics

@@ -10,8 +10,9 @@ from pathlib import Path
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
 
-from .callbacks import read_jsonl
+from .runfiles import read_jsonl
 from .data import ImageDataModule
+from .demo.caption_lm import train_caption_lm as _train_caption_lm
 from .errors import InputError
 from .inversion import PromptInversion
 
@@ -22,10 +23,10 @@ COMMANDS = {
     "evaluate": "measure a run's prompts: CLIP, LPIPS, BERTScore (and the demo world's oracle)",
     "compose": "compose concepts: invert A and B, join prompts, generate, invert again, add C (HTML)",
     "train-demo": "train the demo model and its oracle on the procedural world",
+    "train-caption-lm": "train the demo world's caption language model (the demo's language prior)",
 }
 
 DEFAULT_CALLBACKS = [
-    {"class_path": "ph2p_lit.callbacks.BestPromptTracker"},
     {"class_path": "ph2p_lit.callbacks.ResultsWriter"},
     {"class_path": "ph2p_lit.callbacks.PromptLogger"},
     {"class_path": "ph2p_lit.callbacks.PromptProgressBar"},
@@ -130,6 +131,10 @@ def train_demo(args: list[str]) -> None:
     CLI(run, args=args)
 
 
+def train_caption_lm(args: list[str]) -> None:
+    CLI(_train_caption_lm, args=args)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         commands = {"invert": invert, "reconstruct": reconstruct, "generate": generate, "evaluate": evaluate, "compose": compose,
-                    "train-demo": train_demo}
+                    "train-demo": train_demo, "train-caption-lm": train_caption_lm}
         commands[argv[0]](argv[1:])
     except InputError as e:
         raise SystemExit(f"ph2p {argv[0]}: error: {e}") from None

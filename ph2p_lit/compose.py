@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .backbone import Backbone
-from .callbacks import read_jsonl, write_text_atomic
+from .runfiles import read_jsonl, write_text_atomic
 from .data import IMAGE_EXTENSIONS
 from .errors import InputError
 from .generate import generate, image_grid, to_uint8

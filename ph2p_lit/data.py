@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .callbacks import read_jsonl
+from .runfiles import read_jsonl
 from .errors import InputError
 
 log = logging.getLogger(__name__)

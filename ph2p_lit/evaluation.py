@@ -22,7 +22,8 @@ import yaml
 from PIL import Image
 
 from .backbone import Backbone
-from .callbacks import append_line, read_jsonl, write_text_atomic
+from .language_prior import LanguagePrior
+from .runfiles import append_line, read_jsonl, write_text_atomic
 from .data import to_pixels
 from .errors import InputError
 from .generate import generate
@@ -58,6 +59,7 @@ def evaluate(
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex",
     lpips_backbone: Literal["pretrained", "random"] = "pretrained",
     demo_measures: bool | None = None,
+    language_model: str | None = None,
     local_files_only: bool = False,
     device: str = "auto",
 ) -> dict:
@@ -72,6 +74,8 @@ def evaluate(
             is BERTScore's default); null skips it.
         lpips_net, lpips_backbone: as for `ph2p reconstruct`.
         demo_measures: content-word P/R/F1 and oracle agreement; None: on when model is "demo".
+        language_model: a causal LM (e.g. gpt2; "demo": the demo world's caption model) under
+            which each prompt's perplexity is measured, the field's readability measure; null skips it.
     """
     if not prompts or not Path(prompts).is_file():
         raise InputError(f"prompts={prompts}: give an invert run's prompts.jsonl")
@@ -83,8 +87,9 @@ def evaluate(
     settings = {"model": model, "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
                 "seed": seed, "clip_model": clip_model, "bert_model": bert_model, "bert_layers": bert_layers,
                 "lpips": lpips_net + ("" if lpips_backbone == "pretrained" else ", random backbone"),
-                "demo_measures": demo}
+                "demo_measures": demo, "language_model": language_model}
     measures = _Measures(settings, lpips_net, lpips_backbone, device, local_files_only)
+    prior = LanguagePrior.from_pretrained(language_model, device, local_files_only) if language_model else None
     backbone = Backbone.from_pretrained(model, device=device, local_files_only=local_files_only)
 
     # metrics.jsonl is appended to as each image is done; a rerun with the same settings keeps
@@ -111,6 +116,8 @@ def evaluate(
         save_grid(grid_path(out_dir, row, shown, steps, guidance, seed), generated[:shown])
         record = {"image_id": row["image_id"], "prompt": row["prompt"], "settings": key}
         record.update(measures(target, generated, row["prompt"], row.get("caption", "")))
+        if prior is not None:
+            record["prompt_perplexity"] = float(prior.perplexity([row["prompt"]])[0])
         append_line(per_image, record)
         records[row["image_id"]] = record
 

@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from .backbone import Backbone
-from .callbacks import append_line, read_jsonl
+from .runfiles import append_line, read_jsonl
 from .data import to_rgb
 from .errors import InputError
 

@@ -13,7 +13,9 @@ import torch
 
 from .backbone import Backbone
 from .errors import InputError
+from .language_prior import LanguagePrior
 from .optim import BatchedLBFGS, PH2PStep
+from .refine import PromptSearch, Refinement
 from .sampler import TimestepSampler, _generator
 from .vocab import Vocabulary
 
@@ -42,7 +44,14 @@ class PromptInversion(L.LightningModule):
         resample_each_eval: fresh (t, noise) at every closure evaluation (as the authors' code,
             which samples inside the forward pass) instead of one set per step; None: fresh for
             "ph2p", one set per step for "lbfgs" (its curvature pairs need one function a step).
-        eval_draws: size of the fixed per-image (t, noise) set that scores prompts across steps.
+        eval_draws: size of the fixed per-image (t, noise) set that scores prompts across steps;
+            the prompt with the lowest loss on it is the image's best (the continuous phase's result).
+        score_every_n_steps: score the projected prompt on that set every this many steps (and at
+            the first and last step) to keep the best.
+        patience: > 0 stops an image once its best loss has not improved by more than `min_delta`
+            for this many scorings in a row (all images of a batch stop together).
+        refinement: the discrete refinement after the continuous phase (refine.Refinement: greedy
+            token swaps and deletions by the diffusion loss plus a language prior); None: off.
         metric, ascii_only, whole_words, english_words, allow, deny, no_repeat: the vocabulary.
         negative_weight: w of negative-image prompting (the paper's Algorithm 2, which uses 1): with
             negative images in the data, each image minimises L(target) − w · L(negative).
@@ -73,6 +82,10 @@ class PromptInversion(L.LightningModule):
         draws: int = 1,
         resample_each_eval: bool | None = None,
         eval_draws: int = 8,
+        score_every_n_steps: int = 10,
+        patience: int = 0,
+        min_delta: float = 0.0,
+        refinement: Refinement | None = None,
         metric: Literal["l2", "cosine"] = "l2",
         ascii_only: bool = True,
         whole_words: bool = False,
@@ -89,12 +102,17 @@ class PromptInversion(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        # A checkpoint's hparams (and some CLI paths) hold the settings as a plain dict.
+        self.refinement = Refinement(**refinement) if isinstance(refinement, dict) else refinement
         self.automatic_optimization = False
         self.backbone: Backbone | None = None  # not an nn.Module: never in state_dict
         self.soft_prompt: torch.nn.Parameter | None = None
         self.image_ids: list[str] = []
         self.step_in_batch = 0
+        self.stopped_early = False
+        self.best: dict | None = None  # per image slot of the batch: ids, loss, step, stale scorings
         self._negative_latents: torch.Tensor | None = None
+        self.prior: LanguagePrior | None = None
 
     # ---------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -121,7 +139,10 @@ class PromptInversion(L.LightningModule):
         ).to(self.device)
         D = self.backbone.token_embedding.embedding_dim
         self.soft_prompt = torch.nn.Parameter(torch.zeros(hp.batch_size, hp.prompt_length, D))  # (B, L, D)
+        self.unet_evals = torch.zeros(hp.batch_size, dtype=torch.long)  # U-Net samples per image slot
         self._frame = self._prompt_frame()
+        if self.refinement is not None and self.refinement.language_model:
+            self.prior = LanguagePrior.from_pretrained(self.refinement.language_model, self.device, hp.local_files_only)
 
     def _prompt_frame(self) -> dict:
         """Embeddings around the free positions: [BOS] e_1..e_L [EOS] [pad ...]."""
@@ -129,6 +150,13 @@ class PromptInversion(L.LightningModule):
         n_after = self.backbone.max_length - 1 - self.hparams.prompt_length
         after = [tok.eos_token_id] + [tok.pad_token_id] * (n_after - 1)
         return {"bos": table[tok.bos_token_id][None, None], "after": table[after][None]}
+
+    def hard_prompt_embeds(self, rows: list[list[int]]) -> torch.Tensor:
+        """Token-id prompts of any length up to prompt_length -> text-encoder input (N, S, D):
+        [BOS] tokens [EOS] [pad ...], EOS right after the last token (as the tokenizer writes it)."""
+        tok, S = self.backbone.tokenizer, self.backbone.max_length
+        ids = [[tok.bos_token_id, *row, tok.eos_token_id] + [tok.pad_token_id] * (S - 2 - len(row)) for row in rows]
+        return self.token_embeds(torch.tensor(ids, device=self.device))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -156,27 +184,37 @@ class PromptInversion(L.LightningModule):
         return torch.cat([bos, prompt_embeds, after], dim=1)
 
     def prompt_losses(
-        self, prompt_embeds: torch.Tensor, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+        self, text_embeds: torch.Tensor, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+        owners: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Diffusion loss of each image under its prompt, averaged over its K draws: (b,).
+        """Diffusion loss of each prompt on its image, averaged over its K draws: (N,).
 
-        prompt_embeds (b, L, D); latents (b, C, h, w); t (b, K); noise (b, K, C, h, w).
+        text_embeds (N, S, D) text-encoder input; latents (N, C, h, w); t (N, K);
+        noise (N, K, C, h, w); owners (N,): the image slot each row belongs to (for the count of
+        U-Net evaluations per image, the cost unit every record reports).
         """
-        b, K = t.shape
-        hidden = self.backbone.encode_embeddings(self.full_prompt(prompt_embeds))  # (b, S, D)
+        N, K = t.shape
+        owners = torch.arange(N) if owners is None else owners
+        hidden = self.backbone.encode_embeddings(text_embeds)  # (N, S, D)
         losses = self.backbone.diffusion_loss(
             latents.repeat_interleave(K, 0), noise.flatten(0, 1), t.flatten(), hidden.repeat_interleave(K, 0)
         )
-        return losses.view(b, K).mean(1)
+        self.unet_evals.index_add_(0, owners.cpu(), torch.full((N,), K, dtype=torch.long))
+        return losses.view(N, K).mean(1)
 
-    def objective(self, prompt_embeds: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What each image minimises, (b,): its diffusion loss, less the guarded loss of its
-        negative image when it has one (same t and noise for both, so the difference is low-variance)."""
+    def objective(
+        self, text_embeds: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, owners: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What each prompt minimises on its image (owners[n]; default row n is image n), (N,):
+        the diffusion loss, less the guarded loss of the image's negative when it has one (same t
+        and noise for both, so the difference is low-variance)."""
+        owners = torch.arange(len(text_embeds), device=self.device) if owners is None else owners
+        latents = self._latents[owners]
         if self._negative_latents is None:
-            return self.prompt_losses(prompt_embeds, self._latents, t, noise)
+            return self.prompt_losses(text_embeds, latents, t, noise, owners)
         # Target and negative in one U-Net batch.
-        both = self.prompt_losses(torch.cat([prompt_embeds, prompt_embeds]), torch.cat([self._latents, self._negative_latents]),
-                                  torch.cat([t, t]), torch.cat([noise, noise]))
+        both = self.prompt_losses(torch.cat([text_embeds, text_embeds]), torch.cat([latents, self._negative_latents[owners]]),
+                                  torch.cat([t, t]), torch.cat([noise, noise]), torch.cat([owners, owners]))
         losses, negative = both.chunk(2)
         margin = self.hparams.negative_margin
         if margin is not None:
@@ -194,7 +232,7 @@ class PromptInversion(L.LightningModule):
     def score(self, ids: torch.Tensor) -> torch.Tensor:
         """Loss of hard prompts (b, L) on each image's fixed (t, noise) set: (b,)."""
         t, noise = self._fixed
-        return self.objective(self.token_embeds(ids), t, noise)
+        return self.objective(self.full_prompt(self.token_embeds(ids)), t, noise)
 
     def _draws(self) -> tuple[torch.Tensor, torch.Tensor]:
         shape = self.backbone.latent_shape
@@ -206,20 +244,24 @@ class PromptInversion(L.LightningModule):
         """A new batch of images: encode them, initialise their prompts, forget old history."""
         self.image_ids = list(batch["image_id"])
         b = len(self.image_ids)
-        self.step_in_batch = 0
+        self.step_in_batch, self.stopped_early = 0, False
         self.started = time.perf_counter()
+        self.unet_evals.zero_()
         self._latents = self.backbone.encode_images(batch["pixels"]).float()  # (b, C, h, w)
         negatives = batch.get("negative_pixels")
         self._negative_latents = None if negatives is None else self.backbone.encode_images(negatives).float()
         shape = self.backbone.latent_shape
         t, noise = zip(*(self.sampler.fixed(i, shape) for i in self.image_ids))
         self._fixed = (torch.stack(t).to(self.device), torch.stack(noise).to(self.device))
+        self.best = {"ids": [None] * b, "loss": [float("inf")] * b, "step": [0] * b, "stale": [0] * b}
         restored, self._restored = getattr(self, "_restored", None), None
         if restored and restored["image_ids"] == self.image_ids:
             # Resumed mid-batch from a checkpoint: Lightning has put back the soft prompts and
             # the optimiser state; continue at the saved step with the saved draw streams.
             self.step_in_batch = restored["step_in_batch"]
             self.sampler.load_state_dict(restored["sampler"])
+            self.best = restored.get("best") or self.best
+            self.unet_evals[:b] = torch.tensor(restored.get("unet_evals", [0] * b))
             return
         for i in self.image_ids:
             self.sampler.reset(i)
@@ -245,11 +287,12 @@ class PromptInversion(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict | None:
         if list(batch["image_id"]) != self.image_ids:
             self.start_images(batch)
-        elif self.step_in_batch >= self.hparams.steps:
-            return None  # these images stopped early (plateau); their remaining repeats are skipped
+        elif self.step_in_batch >= self.hparams.steps or self.stopped_early:
+            return None  # these images are finished; their remaining repeats are skipped
         b = len(self.image_ids)
         optimizer = self.optimizers()
         draws = None if self.fresh_draws else self._draws()
+        slots = torch.arange(b, device=self.device)
 
         def closure() -> torch.Tensor:  # Algorithm 1, lines 3-5
             optimizer.zero_grad()
@@ -261,7 +304,7 @@ class PromptInversion(L.LightningModule):
             # 0): the loss then depends on the projected tokens only, not on rounding of ê, and an
             # unchanged projection gives an unchanged loss (L-BFGS's stopping rule reads that).
             prompt = projected + (soft - soft.detach())
-            losses = self.objective(prompt, t, noise)
+            losses = self.objective(self.full_prompt(prompt), t, noise, slots)
             self.manual_backward(losses.sum())  # sum: each image's gradient is its own
             return torch.nn.functional.pad(losses.detach(), (0, self.soft_prompt.shape[0] - b))
 
@@ -271,31 +314,134 @@ class PromptInversion(L.LightningModule):
             losses = optimizer.step(closure=closure)[:b]  # ph2p, lbfgs: max_iter evaluations; adam: one
         self.step_in_batch += 1
         self.log("loss", losses.mean(), prog_bar=True, batch_size=b)
-        finished = self.step_in_batch >= self.hparams.steps
+        last = self.step_in_batch >= self.hparams.steps
+        if last or self.step_in_batch == 1 or self.step_in_batch % self.hparams.score_every_n_steps == 0:
+            self.keep_best()
+            patience = self.hparams.patience
+            self.stopped_early = not last and patience > 0 and all(s >= patience for s in self.best["stale"])
+        finished = last or self.stopped_early
         return {"losses": losses, "finished": self.results() if finished else []}
+
+    @torch.no_grad()
+    def keep_best(self) -> None:
+        """Score the current projected prompts on the fixed set; keep each image's lowest."""
+        ids = self.current_ids()
+        for j, (row, loss) in enumerate(zip(ids.tolist(), self.score(ids).tolist())):
+            if loss < self.best["loss"][j] - self.hparams.min_delta:
+                self.best["ids"][j], self.best["loss"][j], self.best["step"][j] = row, loss, self.step_in_batch
+                self.best["stale"][j] = 0
+            else:
+                self.best["stale"][j] += 1
 
     @torch.no_grad()
     def current_ids(self) -> torch.Tensor:
         return self.project(self.soft_prompt[: len(self.image_ids)])
 
-    @torch.no_grad()
     def results(self) -> list[dict]:
-        """One record per image of the current batch: the final projected prompt and its loss."""
-        ids = self.current_ids()
-        losses = self.score(ids)
+        """One record per image of the current batch: the best prompt of the continuous phase,
+        refined when model.refinement is set, with its losses and its cost."""
+        final_ids = self.current_ids()
+        final_losses = self.score(final_ids)
+        best = [list(row) for row in self.best["ids"]]
+        refined = self.refine(best) if self.refinement is not None else None
         seconds = (time.perf_counter() - self.started) / len(self.image_ids)
+        records = []
+        for j, image_id in enumerate(self.image_ids):
+            ids = best[j] if refined is None else refined[j]["token_ids"]
+            records.append({
+                "image_id": image_id,
+                "prompt": self.vocab.decode(ids),
+                "token_ids": ids,
+                "continuous_prompt": self.vocab.decode(best[j]),
+                "final_prompt": self.vocab.decode(final_ids[j].tolist()),
+                "final_loss": float(final_losses[j]),
+                "best_loss": self.best["loss"][j],
+                "best_step": self.best["step"][j],
+                "steps": self.step_in_batch,
+                "unet_evals": int(self.unet_evals[j]),
+                "seconds": round(seconds, 3),
+                **({"refinement": refined[j]} if refined is not None else {}),
+            })  # fmt: skip
+        return records
+
+    # ---------------------------------------------------------------- discrete refinement
+    def refine(self, starts: list[list[int]]) -> list[dict]:
+        """Greedy swaps and pruning from each image's best prompt (refine.PromptSearch) on the
+        image's refinement draws; per image: the refined ids, the unpruned ones, the losses."""
+        settings: Refinement = self.refinement
+        b = len(starts)
+        self._refine_draws = self._draw_set("refine", settings.draws, settings.window, spread=True)
+        evals_before = self.unet_evals[:b].clone()
+        search = PromptSearch(self._hard_objective, self._hard_gradient, self.vocab, settings, self.prior,
+                              self.hparams.no_repeat, max_length=self.hparams.prompt_length,
+                              max_decode_length=self.backbone.max_length - 2)
+        outcome = search.run(starts, self.soft_prompt[:b].detach())
+        refine_evals = (self.unet_evals[:b] - evals_before).tolist()
+        holds = self._fresh_check(starts, [o.ids for o in outcome]) if settings.check_draws else [None] * b
         return [
             {
-                "image_id": image_id,
-                "prompt": self.vocab.decode(row.tolist()),
-                "token_ids": row.tolist(),
-                "final_prompt": self.vocab.decode(row.tolist()),
-                "final_loss": float(loss),
-                "steps": self.step_in_batch,
-                "seconds": round(seconds, 3),
+                "token_ids": o.ids,
+                "unpruned_prompt": self.vocab.decode(o.unpruned_ids),
+                "unpruned_token_ids": o.unpruned_ids,
+                "loss": o.loss,
+                "prior_nll": o.prior_nll if self.prior is not None else None,
+                "objective": o.objective,
+                "start_objective": o.start_objective,
+                "swaps": o.swaps,
+                "deletions": o.deletions,
+                "rounds": o.rounds,
+                "unet_evals": refine_evals[j],
+                **({"fresh_check": holds[j]} if holds[j] is not None else {}),
             }
-            for image_id, row, loss in zip(self.image_ids, ids, losses)
+            for j, o in enumerate(outcome)
         ]
+
+    def _draw_set(self, name: str, n: int, window: tuple[int, int] | None, spread: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A per-image set of n (t, noise) pairs: t (b, n), noise (b, n, C, h, w)."""
+        lo, hi = window or (self.sampler.t_min, self.sampler.t_max)
+        shape = self.backbone.latent_shape
+        t, noise = zip(*(self.sampler.draw_set((name, i), n, lo, hi, shape, spread) for i in self.image_ids))
+        return torch.stack(t).to(self.device), torch.stack(noise).to(self.device)
+
+    def _hard_batches(self, rows: list[list[int]], owners: list[int], draws: torch.Tensor):
+        """Split (rows x draws) into U-Net calls of at most max_batch_samples samples."""
+        per_call = max(1, self.refinement.max_batch_samples // max(1, len(draws)))
+        t_all, noise_all = self._refine_draws
+        for at in range(0, len(rows), per_call):
+            chunk = torch.tensor(owners[at : at + per_call], device=self.device)
+            embeds = self.hard_prompt_embeds(rows[at : at + per_call])
+            yield embeds, t_all[chunk][:, draws], noise_all[chunk][:, draws], chunk
+
+    @torch.no_grad()
+    def _hard_objective(self, rows: list[list[int]], owners: list[int], draws: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.objective(*batch) for batch in self._hard_batches(rows, owners, draws)])
+
+    def _hard_gradient(self, rows: list[list[int]], owners: list[int], draws: torch.Tensor) -> list[torch.Tensor]:
+        grads = []
+        for embeds, t, noise, chunk in self._hard_batches(rows, owners, draws):
+            embeds.requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(self.objective(embeds, t, noise, chunk).sum(), embeds)
+            grads.append(grad)
+        grads = torch.cat(grads)
+        return [grads[n, 1 : 1 + len(row)] for n, row in enumerate(rows)]  # the free positions
+
+    @torch.no_grad()
+    def _fresh_check(self, starts: list[list[int]], finals: list[list[int]]) -> list[bool]:
+        """Does the final prompt also beat the start on fresh draws the search never saw?
+        Not counted in unet_evals: it measures the method, it is not part of it."""
+        settings = self.refinement
+        kept, saved = self._refine_draws, self.unet_evals.clone()
+        self._refine_draws = self._draw_set("check", settings.check_draws, settings.window, spread=False)
+        owners = list(range(len(starts)))
+        every = torch.arange(settings.check_draws)
+        start, final = self._hard_objective(starts, owners, every), self._hard_objective(finals, owners, every)
+        if self.prior is not None:
+            w = settings.prior_weight
+            start = start + w * self.prior.nll([self.vocab.decode(r) for r in starts])[0].to(start)
+            final = final + w * self.prior.nll([self.vocab.decode(r) for r in finals])[0].to(final)
+        self._refine_draws, self.unet_evals = kept, saved
+        return [bool(f <= s) for s, f in zip(start.tolist(), final.tolist())]
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -303,6 +449,8 @@ class PromptInversion(L.LightningModule):
             "image_ids": self.image_ids,
             "step_in_batch": self.step_in_batch,
             "sampler": self.sampler.state_dict(),
+            "best": self.best if self.image_ids else None,
+            "unet_evals": self.unet_evals[: len(self.image_ids)].tolist(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

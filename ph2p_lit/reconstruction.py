@@ -22,7 +22,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .attention import heat_grid, prompt_tokens, token_attention
 from .backbone import Backbone
-from .callbacks import append_line, read_jsonl
+from .runfiles import append_line, read_jsonl
 from .errors import InputError
 from .inversion import _DTYPES
 from .generate import strength_steps, to_uint8

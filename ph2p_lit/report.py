@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 from PIL import Image
 
-from .callbacks import read_jsonl, write_text_atomic
+from .runfiles import read_jsonl, write_text_atomic
 from .data import to_rgb
 from .generate import generate, image_grid, to_uint8
 

@@ -52,6 +52,18 @@ class TimestepSampler:
         t = torch.linspace(self.t_min, self.t_max - 1, self.eval_draws).round().long()
         return t, noise
 
+    def draw_set(
+        self, key: tuple, n: int, t_min: int, t_max: int, latent_shape: tuple[int, ...], spread: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Another per-image set of n pairs, named by `key` (e.g. ("refine", image_id)), on its own
+        window: t evenly spread over [t_min, t_max) if `spread`, else uniform draws."""
+        g = _generator(self.seed, "set", *key)
+        t = torch.randint(t_min, t_max, (n,), generator=g)
+        noise = torch.randn((n, *latent_shape), generator=g)
+        if spread:
+            t = torch.linspace(t_min, t_max - 1, n).round().long()
+        return t, noise
+
     def reset(self, image_id: str) -> None:
         self.position.pop(image_id, None)
 

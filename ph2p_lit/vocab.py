@@ -66,7 +66,8 @@ class Vocabulary:
         self.token_ids = keep.nonzero().squeeze(1)  # (K,)
         if len(self.token_ids) == 0:
             raise InputError("the vocabulary filters leave no token: loosen allow/deny/whole_words/english_words")
-        self.embeddings = embedding_table.detach()[self.token_ids].float()  # (K, D)
+        self.table = embedding_table.detach()  # (V, D), the model's own: every token, allowed or not
+        self.embeddings = self.table[self.token_ids].float()  # (K, D)
         self._unit = torch.nn.functional.normalize(self.embeddings, dim=-1)
         self._sq_norms = self.embeddings.pow(2).sum(-1)  # (K,)
 
@@ -78,6 +79,10 @@ class Vocabulary:
                 raise InputError(f"vocabulary word {word!r} is {len(pieces)} tokens; list single-token words")
             ids.append(pieces[0])
         return ids
+
+    def embedding_of(self, token_ids: list[int]) -> torch.Tensor:
+        """Embeddings of any tokens of the model's table, (n, D) float."""
+        return self.table[torch.tensor(token_ids, device=self.table.device)].float()
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from ph2p_lit.callbacks import read_jsonl
+from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.cli import main
 
 PH2P = [sys.executable, "-m", "ph2p_lit.cli"]

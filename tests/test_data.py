@@ -74,7 +74,8 @@ def test_each_batch_repeats_once_per_step():
 def test_a_restarted_run_skips_images_it_already_inverted(tiny_model, image_folder, tmp_path):
     import lightning as L
 
-    from ph2p_lit.callbacks import ResultsWriter, read_jsonl
+    from ph2p_lit.callbacks import ResultsWriter
+    from ph2p_lit.runfiles import read_jsonl
     from ph2p_lit.inversion import PromptInversion
 
     def run(limit):

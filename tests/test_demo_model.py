@@ -54,7 +54,8 @@ def test_inversion_recovers_content_words_of_the_bundled_images(tmp_path):
 
     import lightning as L
 
-    from ph2p_lit.callbacks import ResultsWriter, read_jsonl
+    from ph2p_lit.callbacks import ResultsWriter
+    from ph2p_lit.runfiles import read_jsonl
     from ph2p_lit.data import ImageDataModule
     from ph2p_lit.demo.evaluate import summarise_prompt_scores
     from ph2p_lit.inversion import PromptInversion

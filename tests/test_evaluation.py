@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel, BertTokenizer
 
 from ph2p_lit import evaluation, report
 from ph2p_lit.backbone import DEMO_MODEL
-from ph2p_lit.callbacks import read_jsonl
+from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.errors import InputError
 from ph2p_lit.evaluation import content_word_scores, evaluate
 from ph2p_lit.similarity import ClipSimilarity, OracleSimilarity

@@ -6,7 +6,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
-from ph2p_lit.callbacks import BestPromptTracker, ResultsWriter, read_jsonl
+from ph2p_lit.callbacks import BestPromptTracker, ResultsWriter
+from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.data import ImageDataModule
 from ph2p_lit.inversion import PromptInversion
 from ph2p_lit.optim import BatchedLBFGS
@@ -61,11 +62,18 @@ def test_ph2p_update_is_lr_times_the_gradient_at_the_projection(tiny_model, imag
     module = _module(tiny_model, steps=1, max_iter=2, lr=3.0)
     calls = []
 
-    def spy(prompt, latents, t, noise):
-        call = dict(prompt=prompt.detach().clone(), soft=module.soft_prompt[:1].detach().clone())
-        prompt.register_hook(lambda g: call.setdefault("grad", g.detach().clone()))
+    def spy(text, latents, t, noise, owners):
+        if not text.requires_grad:  # scoring on the fixed set, not the update
+            return PromptInversion.prompt_losses(module, text, latents, t, noise, owners)
+        free = slice(1, 1 + module.hparams.prompt_length)  # [BOS] free positions [EOS] ...
+        call = dict(prompt=text[:, free].detach().clone(), soft=module.soft_prompt[:1].detach().clone())
+
+        def keep_grad(grad):
+            call.setdefault("grad", grad[:, free].detach().clone())
+
+        text.register_hook(keep_grad)
         calls.append(call)
-        return PromptInversion.prompt_losses(module, prompt, latents, t, noise)
+        return PromptInversion.prompt_losses(module, text, latents, t, noise, owners)
 
     with mock.patch.object(module, "prompt_losses", side_effect=spy), mock.patch.object(module, "results", return_value=[]):
         _fit(module, image_folder, tmp_path, limit=1)
@@ -98,7 +106,7 @@ def test_lbfgs_on_the_continuous_prompt_lowers_a_fixed_loss(tiny_model):
 
     def closure():
         opt.zero_grad()
-        losses = module.prompt_losses(prompt, latents, t, noise)
+        losses = module.prompt_losses(module.full_prompt(prompt), latents, t, noise)
         losses.sum().backward()
         return losses
 
@@ -159,7 +167,7 @@ def test_batch_of_images_equals_one_at_a_time(tiny_model, image_folder, tmp_path
         kw = dict(lr=20.0) if optimizer == "ph2p" else dict(optimizer="lbfgs", lr=1.0)
         module = _module(tiny_model, steps=6, max_iter=3, batch_size=batch_size, **kw)
         final = FinalSoftPrompts()
-        _fit(module, image_folder, out, callbacks=[BestPromptTracker(every_n_steps=1), ResultsWriter(), final], limit=2)
+        _fit(module, image_folder, out, callbacks=[ResultsWriter(), final], limit=2)
         prompts[batch_size] = {r["image_id"]: r["token_ids"] for r in read_jsonl(out / "prompts.jsonl")}
         soft[batch_size] = final.soft
     assert prompts[1] == prompts[2] and len(prompts[1]) == 2
@@ -176,23 +184,23 @@ def test_adam_ablation_runs_one_evaluation_per_step(tiny_model, image_folder, tm
 
 def test_negative_image_objective_is_guarded(tiny_model):
     """L(target) − w·min(L(negative), L(target) + margin); past the margin only L(target) pulls."""
-    module = _module(tiny_model, negative_weight=1.0, negative_margin=0.05)
+    module = _module(tiny_model, negative_weight=1.0, negative_margin=0.05, batch_size=2)
     module.setup("fit")
     g = torch.Generator().manual_seed(0)
     module._latents = torch.randn((2, *module.backbone.latent_shape), generator=g)
     module._negative_latents = torch.randn((2, *module.backbone.latent_shape), generator=g)
     t, noise = torch.tensor([[600], [700]]), torch.randn((2, 1, *module.backbone.latent_shape), generator=g)
     prompt = torch.randn(2, 4, module.soft_prompt.shape[-1], generator=g).requires_grad_()
-    target = module.prompt_losses(prompt, module._latents, t, noise)
-    negative = module.prompt_losses(prompt, module._negative_latents, t, noise)
-    objective = module.objective(prompt, t, noise)
+    target = module.prompt_losses(module.full_prompt(prompt), module._latents, t, noise)
+    negative = module.prompt_losses(module.full_prompt(prompt), module._negative_latents, t, noise)
+    objective = module.objective(module.full_prompt(prompt), t, noise)
     expected = target - torch.minimum(negative, target + 0.05)
     assert torch.allclose(objective, expected, atol=1e-6)
     module.hparams.negative_margin = None  # the paper's objective
-    assert torch.allclose(module.objective(prompt, t, noise), target - negative, atol=1e-6)
+    assert torch.allclose(module.objective(module.full_prompt(prompt), t, noise), target - negative, atol=1e-6)
     module.hparams.negative_margin = -10.0  # always capped: the gradient is that of L(target) alone
-    (grad,) = torch.autograd.grad(module.objective(prompt, t, noise).sum(), prompt)
-    (alone,) = torch.autograd.grad(module.prompt_losses(prompt, module._latents, t, noise).sum(), prompt)
+    (grad,) = torch.autograd.grad(module.objective(module.full_prompt(prompt), t, noise).sum(), prompt)
+    (alone,) = torch.autograd.grad(module.prompt_losses(module.full_prompt(prompt), module._latents, t, noise).sum(), prompt)
     assert torch.allclose(grad, alone, atol=1e-6)
 
 
@@ -221,7 +229,7 @@ def test_inversion_with_a_negative_image_records_it(tiny_model, image_folder, tm
     data = ImageDataModule(root=image_folder, batch_size=1, steps=2, model=tiny_model, limit=2,
                            negatives=f"{image_folder}/img3.png")
     trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, callbacks=[BestPromptTracker(every_n_steps=1), ResultsWriter()])
+                        enable_progress_bar=False, callbacks=[ResultsWriter()])
     with mock.patch.object(module, "prompt_losses", wraps=module.prompt_losses) as losses:
         trainer.fit(module, datamodule=data)
     rows = read_jsonl(tmp_path / "prompts.jsonl")
@@ -258,3 +266,37 @@ def test_best_prompt_by_clip_similarity_keeps_the_most_similar_scored_prompt(tin
         assert row["selected_by"] == "clip" and len(candidates) > 1
         assert row["best_similarity"] == pytest.approx(max(sims), abs=1e-4)
         assert row["prompt"] == texts[sims.index(max(sims))]
+
+
+def test_records_count_every_unet_evaluation(tiny_model, image_folder, tmp_path):
+    """3 steps x 2 evaluations x 1 draw, plus 8 fixed draws at the scorings of steps 1 and 3 and
+    once more for the final prompt: 6 + 24 U-Net samples."""
+    module = _module(tiny_model, steps=3, max_iter=2, draws=1, eval_draws=8, score_every_n_steps=10)
+    _fit(module, image_folder, tmp_path, callbacks=[ResultsWriter()], limit=1)
+    (row,) = read_jsonl(tmp_path / "prompts.jsonl")
+    assert row["unet_evals"] == 3 * 2 * 1 + 3 * 8
+
+
+def test_a_plateau_stops_an_image_and_its_record_says_when(tiny_model, image_folder, tmp_path):
+    """No scoring can beat the first by min_delta, so the image stops at its second scoring."""
+    module = _module(tiny_model, steps=10, score_every_n_steps=1, patience=1, min_delta=1e9)
+    _fit(module, image_folder, tmp_path, callbacks=[ResultsWriter()], limit=1)
+    (row,) = read_jsonl(tmp_path / "prompts.jsonl")
+    assert row["steps"] == 2 and row["best_step"] == 1
+
+
+def test_refinement_runs_on_the_model_within_its_budget_and_filters(tiny_model, image_folder, tmp_path):
+    from ph2p_lit.refine import Refinement
+
+    settings = Refinement(draws=4, screen_draws=2, top_k=4, nearest_k=1, per_position=2, finalists=2, budget=200,
+                          prune_tolerance=0.5)
+    module = _module(tiny_model, steps=2, refinement=settings, deny=["a", "the"], batch_size=2)
+    _fit(module, image_folder, tmp_path, callbacks=[ResultsWriter()], limit=2)
+    rows = read_jsonl(tmp_path / "prompts.jsonl")
+    denied = set(module.vocab.word_ids(["a", "the"]))
+    for row in rows:
+        refined = row["refinement"]
+        assert refined["unet_evals"] <= 200 + 4 * 4 * 4  # the budget, and pruning's deletions on all draws
+        assert not denied & set(row["token_ids"]) and len(row["token_ids"]) <= 4
+        assert refined["objective"] <= refined["start_objective"] + 0.5 * refined["loss"]
+        assert row["unet_evals"] > refined["unet_evals"]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ph2p_lit.attention import CrossAttentionRecorder, prompt_tokens, token_attention
 from ph2p_lit.backbone import DEMO_MODEL, Backbone
-from ph2p_lit.callbacks import read_jsonl
+from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.demo.train import to_tensor
 from ph2p_lit.demo.world import make_renders
 from ph2p_lit.errors import InputError
@@ -168,7 +168,6 @@ def test_compose_chains_concepts_into_one_html_page(tiny_model, image_folder, tm
     config = tmp_path / "invert.yaml"
     config.write_text(f"model:\n  model: {tiny_model}\n  prompt_length: 2\n  steps: 2\n  max_iter: 1\n"
                       "trainer:\n  enable_progress_bar: false\n  callbacks:\n"
-                      "    - class_path: ph2p_lit.callbacks.BestPromptTracker\n"
                       "    - class_path: ph2p_lit.callbacks.ResultsWriter\n")
     concepts = [f"{image_folder}/img{i}.png" for i in range(3)]
     page = compose(concepts, out=str(tmp_path / "c"), config=str(config), images_per_prompt=2, steps=2)

@@ -15,7 +15,13 @@ from ..backbone import Backbone
 from ..generate import generate
 from .oracle import AttributeOracle
 from .train import to_tensor
-from .world import ATTRIBUTE_VALUES, CONTENT_ATTRIBUTES, Scene, attributes_in_text, make_renders
+from .world import ATTRIBUTE_VALUES, CONTENT_ATTRIBUTES, Scene, attributes_in_text, make_renders, world_words
+
+# English function words: tokens that are not junk even though no caption of the world uses them.
+FUNCTION_WORDS = frozenset(
+    "a an the of on in at to with and or but for from by into onto over under near is are was be "
+    "this that these those it its as there here".split()
+)
 
 
 def prompt_scores(prompt: str, truth: dict[str, str]) -> dict[str, dict[str, bool]]:
@@ -26,12 +32,25 @@ def prompt_scores(prompt: str, truth: dict[str, str]) -> dict[str, dict[str, boo
     }
 
 
+def token_shares(prompt: str) -> dict[str, int]:
+    """Counts of a prompt's words: all, junk (neither a world word nor an English function word),
+    and repeats of an earlier word of the same prompt."""
+    words = prompt.lower().split()
+    known = set(world_words()) | FUNCTION_WORDS
+    return {
+        "tokens": len(words),
+        "junk": sum(w not in known for w in words),
+        "repeats": sum(w in words[:i] for i, w in enumerate(words)),
+    }
+
+
 def summarise_prompt_scores(scores: list[dict]) -> dict[str, float]:
     out = {}
     for kind in ("present", "exact"):
         for a in CONTENT_ATTRIBUTES:
             out[f"{a}_{kind}"] = float(np.mean([s[a][kind] for s in scores]))
         out[f"content_words_{kind}"] = float(np.mean([s[a][kind] for s in scores for a in CONTENT_ATTRIBUTES]))
+        out[f"all_three_{kind}"] = float(np.mean([all(s[a][kind] for a in CONTENT_ATTRIBUTES) for s in scores]))
     return out
 
 

@@ -158,6 +158,13 @@ def export_imagefolder(root: str | os.PathLike, n: int, seed: int) -> Path:
     return root
 
 
+def world_words() -> list[str]:
+    """Every word a caption of this world can contain."""
+    words = {w for values in ATTRIBUTE_VALUES.values() for w in values}
+    words |= {w for template in TEMPLATES for w in template.split() if not w.startswith("{")}
+    return sorted(words)
+
+
 def attributes_in_text(text: str) -> dict[str, set[str]]:
     """Which values of each attribute a text names, word by word."""
     words = set(text.lower().replace(",", " ").split())

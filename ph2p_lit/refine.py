@@ -1,0 +1,366 @@
+"""Discrete refinement of hard prompts after the continuous PH2P phase: greedy coordinate search
+and pruning, each candidate scored by the diffusion loss on the image's refinement draws plus
+weight x a language prior's negative log-likelihood (the part that rules out hedges).
+
+The search knows prompts as token-id lists and asks two callables about them, so it runs the same
+on the U-Net (PromptInversion) and on a toy objective in the tests:
+    objective(rows, owners, draws) -> (N,)   mean loss of each row on draws of image owners[n]
+    gradient(rows, owners, draws) -> [(n_i, D)]  d loss / d token embedding at each position
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .language_prior import LanguagePrior
+from .vocab import Vocabulary
+
+
+@dataclass
+class Refinement:
+    """Settings of the discrete refinement (model.refinement in the config; null switches it off).
+
+    Args:
+        draws: (t, noise) pairs per image that score every candidate (the same pairs for all
+            candidates, so their differences are low-variance); more draws, choices that hold.
+        window: [t_min, t_max) of those draws; None: the model's timestep window.
+        screen_draws: a strided subset of the draws on which all candidates of a round are
+            scored first; the `finalists` best then get the remaining draws.
+        top_k: options per position by the first-order estimate g_i . (e_v - e_i) (AutoPrompt,
+            GCG) from the gradient at the current tokens.
+        nearest_k: candidates per position among the tokens nearest the continuous prompt.
+        prior_k: options per position proposed by the language model given the words before.
+        beams: with a prior, first write a prompt per image by guided decoding (the prior
+            proposes each next word, the diffusion loss ranks the partial prompts, this many kept)
+            and start the search from it when it beats the continuous phase's prompt; 0: off.
+        completions: with a prior, also try each swap with the rest of the prompt rewritten by
+            the prior's greedy continuation.
+        per_position: of a position's options, those with the lowest estimated objective (the
+            first-order loss change plus the prior's exact change) that the U-Net scores.
+        finalists: candidates per image scored on all draws each round.
+        budget: U-Net sample evaluations per image for the search rounds; it stops earlier when no
+            candidate improves.
+        prune_tolerance: delete a token while the objective rises by less than this fraction of
+            the best prompt's diffusion loss; None: no pruning.
+        language_model: the prior: a causal LM folder or hub id, "demo" for the demo world's
+            caption model; None: the diffusion loss alone.
+        prior_weight: loss units per nat of the prior's negative log-likelihood.
+        check_draws: if > 0, also score the start and final prompts on this many fresh draws and
+            record whether the choice holds there (costs evaluations; for measuring).
+        max_batch_samples: U-Net samples per call (candidates x draws are split to fit memory).
+    """
+
+    draws: int = 32
+    window: tuple[int, int] | None = None
+    screen_draws: int = 4
+    top_k: int = 8
+    nearest_k: int = 2
+    prior_k: int = 6
+    beams: int = 4
+    completions: bool = False
+    per_position: int = 4
+    finalists: int = 4
+    budget: int = 3000
+    prune_tolerance: float | None = 0.005
+    language_model: str | None = None
+    prior_weight: float = 1e-3
+    check_draws: int = 0
+    max_batch_samples: int = 2048
+
+
+@dataclass
+class Refined:
+    """One image's outcome."""
+
+    ids: list[int]
+    unpruned_ids: list[int]
+    start_objective: float
+    objective: float
+    loss: float
+    prior_nll: float
+    swaps: int = 0
+    deletions: int = 0
+    rounds: int = 0
+    evaluations: int = 0
+    history: list[float] = field(default_factory=list)
+
+
+class PromptSearch:
+    """Greedy coordinate search and pruning over a batch of images, each with its own prompt."""
+
+    def __init__(self, objective, gradient, vocab: Vocabulary, settings: Refinement,
+                 prior: LanguagePrior | None = None, no_repeat: bool = False, max_length: int = 75,
+                 max_decode_length: int | None = None):
+        self.objective, self.gradient, self.vocab, self.s = objective, gradient, vocab, settings
+        self.prior, self.no_repeat, self.max_length = prior, no_repeat, max_length
+        # Guided decoding may write a whole caption, up to what the text encoder reads.
+        self.max_decode_length = max_decode_length or max_length
+        self.token_ids = vocab.token_ids.cpu()
+        self.allowed = set(self.token_ids.tolist())
+        self.column = {int(v): c for c, v in enumerate(self.token_ids.tolist())}  # token id -> row of vocab.embeddings
+        K = settings.draws
+        self.screen = torch.arange(0, K, max(1, K // max(1, min(settings.screen_draws, K))))[: settings.screen_draws]
+        self.rest = torch.tensor([k for k in range(K) if k not in set(self.screen.tolist())], dtype=torch.long)
+
+    # ---- scoring -------------------------------------------------------------------------
+    def prior_nll(self, rows: list[list[int]]) -> torch.Tensor:
+        if self.prior is None or not rows:
+            return torch.zeros(len(rows))
+        return self.prior.nll([self.vocab.decode(row) for row in rows])[0]
+
+    def _score(self, rows: list[list[int]], owners: list[int], draws: torch.Tensor) -> torch.Tensor:
+        if not rows:
+            return torch.zeros(0)
+        return self.objective(rows, owners, draws).detach().float().cpu()
+
+    # ---- candidates ----------------------------------------------------------------------
+    def _prior_ids(self, rows: list[list[int]]) -> list[list[set[int]]]:
+        """Per row and position: tokens the language model proposes after the words before it."""
+        if self.prior is None or self.s.prior_k == 0:
+            return [[set() for _ in row] for row in rows]
+        prefixes = [self.vocab.decode(row[:i]) for row in rows for i in range(len(row))]
+        words = iter(self.prior.next_words(prefixes, self.s.prior_k))
+        out = []
+        for row in rows:
+            per_position = []
+            for _ in row:
+                ids = {self._single_token(w) for w in next(words)}
+                per_position.append({i for i in ids if i in self.allowed})
+            out.append(per_position)
+        return out
+
+    def _single_token(self, word: str) -> int | None:
+        pieces = self.vocab.tokenizer(word, add_special_tokens=False).input_ids
+        return pieces[0] if len(pieces) == 1 else None
+
+    def candidates(self, rows: list[list[int]], owners: list[int], soft: torch.Tensor | None,
+                   nll_now: list[float]) -> list[list[list[int]]]:
+        """Single-token swaps of each row. Per position the options are the gradient's top-k, the
+        tokens nearest the continuous prompt and the prior's proposals; of these, the `per_position`
+        with the lowest estimated objective change (first-order loss change + weight x the prior's
+        exact change) go on to the U-Net. No duplicates, no unchanged row."""
+        grads = self.gradient(rows, owners, self.screen)
+        proposed = self._prior_ids(rows)
+        table = self.vocab.embeddings  # (V', D) the allowed tokens
+        out = []
+        for j, (row, g) in enumerate(zip(rows, grads)):
+            g = g.float().to(table.device)  # (n, D)
+            current = self.vocab.embedding_of(row).to(table.device)  # (n, D)
+            change = (g @ table.T - (g * current).sum(-1, keepdim=True)).cpu()  # (n, V'): first-order loss change
+            top = change.topk(min(self.s.top_k, len(self.vocab)), largest=False).indices
+            near = None
+            if soft is not None and self.s.nearest_k:
+                k = min(self.s.nearest_k, len(self.vocab))
+                near = self.vocab.scores(soft[owners[j], : len(row)]).topk(k).indices.cpu()
+            seen, swaps, estimate = {tuple(row)}, [], []
+            for i in range(len(row)):
+                columns = set(top[i].tolist()) | {self.column[v] for v in proposed[j][i]}
+                if near is not None and i < len(near):
+                    columns |= set(near[i].tolist())
+                for c in sorted(columns):
+                    v = int(self.token_ids[c])
+                    new = row[:i] + [v] + row[i + 1 :]
+                    if (self.no_repeat and v in row) or tuple(new) in seen:
+                        continue
+                    seen.add(tuple(new))
+                    swaps.append((i, new))
+                    estimate.append(float(change[i, c]))
+            swaps += self._completions(row, swaps, estimate, seen)
+            if swaps:
+                prior_change = self.prior_nll([new for _, new in swaps]) - nll_now[j]
+                estimate = torch.tensor(estimate) + self.s.prior_weight * prior_change
+            kept = []
+            for i in range(len(row)):
+                mine = [k for k, (pos, _) in enumerate(swaps) if pos == i]
+                mine.sort(key=lambda k: float(estimate[k]))
+                kept += [swaps[k][1] for k in mine[: self.s.per_position]]
+            out.append(kept)
+        return out
+
+    def _completions(self, row: list[int], swaps: list, estimate: list[float], seen: set) -> list:
+        """For each swap, the same swap with the rest of the prompt rewritten by the prior's greedy
+        continuation (up to the prompt's length): the move that repairs grammar a single swap
+        cannot, e.g. "on a lizards" -> "on a pink background". Same first-order estimate as
+        its swap; the prior's change is computed exactly by the caller."""
+        if self.prior is None or not self.s.completions:
+            return []
+        heads = [new[: i + 1] for i, new in swaps]
+        tails = self.prior.complete([self.vocab.decode(h) for h in heads], len(row))
+        out = []
+        for (i, _), head, tail, est in zip(swaps, heads, tails, list(estimate)):
+            ids = [t for t in self.vocab.tokenizer(tail, add_special_tokens=False).input_ids if t in self.allowed]
+            new = (head + ids)[: self.max_length]
+            if tuple(new) not in seen:
+                seen.add(tuple(new))
+                out.append((i, new))
+                estimate.append(est)
+        return out
+
+    # ---- guided decoding -----------------------------------------------------------------
+    def decode(self, b: int) -> tuple[list[list[int]], list[int]]:
+        """A prompt per image written left to right by the prior and chosen by the image: each
+        of the `beams` partial prompts is extended by the prior's `prior_k` likeliest next words,
+        and the extensions are ranked by the diffusion loss of the partial prompt on the screening
+        draws plus weight x the prior's NLL of it as the start of a sentence. A beam that the prior
+        ends is complete. Returns each image's complete prompts (all beams that ended) flattened,
+        and their owners."""
+        w = self.s.prior_weight
+        beams = [[[]] for _ in range(b)]
+        complete_rows, complete_owners = [], []
+        for _ in range(self.max_decode_length):
+            prefixes = [(j, row) for j in range(b) for row in beams[j]]
+            if not prefixes:
+                break
+            proposals = self.prior.next_words_or_end([self.vocab.decode(row) for _, row in prefixes], self.s.prior_k)
+            grown: list[tuple[int, list[int]]] = []
+            for (j, row), words in zip(prefixes, proposals):
+                for word in words:
+                    if word is None:
+                        if row:
+                            complete_rows.append(row)
+                            complete_owners.append(j)
+                        continue
+                    token = self._single_token(word)
+                    if token in self.allowed and not (self.no_repeat and token in row):
+                        grown.append((j, row + [token]))
+            if not grown:
+                break
+            rows, owners = [r for _, r in grown], [j for j, _ in grown]
+            score = self._score(rows, owners, self.screen)
+            score = score + w * self.prior.nll([self.vocab.decode(r) for r in rows], ended=False)[0]
+            for j in range(b):
+                self.decode_evaluations[j] += len(self.screen) * owners.count(j)
+            beams = [[] for _ in range(b)]
+            for k in score.argsort().tolist():
+                j = owners[k]
+                if len(beams[j]) < self.s.beams:
+                    beams[j].append(rows[k])
+        for j in range(b):  # beams still open at the length limit count as complete too
+            for row in beams[j]:
+                complete_rows.append(row)
+                complete_owners.append(j)
+        return complete_rows, complete_owners
+
+    def _best_start(self, starts: list[list[int]]) -> list[list[int]]:
+        """Each image's start: its given prompt or, with a prior and beams > 0, the guided-decoding
+        prompt with the lowest objective on the screening draws, whichever is lower on them."""
+        if self.prior is None or not self.s.beams:
+            return starts
+        b = len(starts)
+        self.decode_evaluations = [0] * b
+        rows, owners = self.decode(b)
+        rows, owners = rows + starts, owners + list(range(b))
+        every = torch.arange(self.s.draws)
+        score = self._score(rows, owners, every) + self.s.prior_weight * self.prior_nll(rows)
+        for j in owners:
+            self.decode_evaluations[j] += self.s.draws
+        best = list(starts)
+        for j in range(b):
+            mine = [k for k, o in enumerate(owners) if o == j]
+            best[j] = rows[min(mine, key=lambda k: float(score[k]))]
+        return best
+
+    # ---- the search ----------------------------------------------------------------------
+    def run(self, starts: list[list[int]], soft: torch.Tensor | None = None) -> list[Refined]:
+        """Refine each image's start prompt (image j is owner j)."""
+        b, K = len(starts), self.s.draws
+        owners = list(range(b))
+        self.decode_evaluations = [0] * b
+        starts = self._best_start(starts)
+        screen_loss = self._score(starts, owners, self.screen)
+        rest_loss = self._score(starts, owners, self.rest)
+        loss = (len(self.screen) * screen_loss + len(self.rest) * rest_loss) / K
+        nll = self.prior_nll(starts)
+        state = [
+            Refined(ids=list(row), unpruned_ids=list(row), start_objective=float(loss[j] + self.s.prior_weight * nll[j]),
+                    objective=float(loss[j] + self.s.prior_weight * nll[j]), loss=float(loss[j]), prior_nll=float(nll[j]),
+                    evaluations=K + self.decode_evaluations[j])
+            for j, row in enumerate(starts)
+        ]
+        screen_now = [float(screen_loss[j] + self.s.prior_weight * nll[j]) for j in range(b)]
+        searching = set(owners)
+        while searching:
+            active = sorted(j for j in searching if state[j].evaluations + self._round_cost(state[j].ids) <= self.s.budget)
+            searching = set(active)
+            if not active:
+                break
+            swaps = self.candidates([state[j].ids for j in active], active, soft, [state[j].prior_nll for j in active])
+            for j in active:
+                state[j].evaluations += len(self.screen)  # the gradient's forward+backward
+                state[j].rounds += 1
+            improved = self._round(active, swaps, state, screen_now)
+            searching -= {j for j in active if j not in improved}
+        for j, image in enumerate(state):
+            image.unpruned_ids = list(image.ids)
+        if self.s.prune_tolerance is not None:
+            self.prune(state)
+        return state
+
+    def _round_cost(self, row: list[int]) -> int:
+        return len(self.screen) * (1 + len(row) * self.s.per_position) + self.s.finalists * len(self.rest)
+
+    def _round(self, active: list[int], swaps: list[list[list[int]]], state: list[Refined], screen_now: list[float]) -> set[int]:
+        """Score every swap on the screening draws, the best few on all; take each image's best
+        if it lowers its objective. Returns the images that improved."""
+        rows = [row for per_image in swaps for row in per_image]
+        owners = [j for j, per_image in zip(active, swaps) for _ in per_image]
+        w = self.s.prior_weight
+        nll = self.prior_nll(rows)
+        screened = self._score(rows, owners, self.screen) + w * nll
+        finalists, at = [], 0
+        for j, per_image in zip(active, swaps):
+            state[j].evaluations += len(per_image) * len(self.screen)
+            scores = screened[at : at + len(per_image)]
+            order = scores.argsort()[: self.s.finalists].tolist()
+            # Only swaps that look better on the screening draws are worth the remaining draws.
+            finalists += [(j, at + k) for k in order if scores[k] < screen_now[j]]
+            at += len(per_image)
+        rest = self._score([rows[k] for _, k in finalists], [j for j, _ in finalists], self.rest)
+        best: dict[int, tuple[float, int, float]] = {}
+        n_screen, n_rest, K = len(self.screen), len(self.rest), self.s.draws
+        for (j, k), rest_loss in zip(finalists, rest.tolist()):
+            state[j].evaluations += n_rest
+            screen_loss = float(screened[k] - w * nll[k])
+            loss = (n_screen * screen_loss + n_rest * rest_loss) / K
+            objective = loss + w * float(nll[k])
+            if objective < state[j].objective and (j not in best or objective < best[j][0]):
+                best[j] = (objective, k, loss)
+        for j, (objective, k, loss) in best.items():
+            image = state[j]
+            image.ids, image.objective, image.loss, image.prior_nll = rows[k], objective, loss, float(nll[k])
+            image.swaps += 1
+            image.history.append(objective)
+            screen_now[j] = float(screened[k])
+        return set(best)
+
+    def prune(self, state: list[Refined]) -> None:
+        """Shortest prompt within tolerance of the best: delete the token whose removal costs
+        least while the objective stays within prune_tolerance x the best's loss of the best."""
+        w, tol = self.s.prior_weight, self.s.prune_tolerance
+        best = {j: (image.objective, image.loss) for j, image in enumerate(state)}
+        open_ = [j for j, image in enumerate(state) if len(image.ids) > 1]
+        all_draws = torch.arange(self.s.draws)
+        while open_:
+            rows, owners = [], []
+            for j in open_:
+                for i in range(len(state[j].ids)):
+                    rows.append(state[j].ids[:i] + state[j].ids[i + 1 :])
+                    owners.append(j)
+            loss, nll = self._score(rows, owners, all_draws), self.prior_nll(rows)
+            objective = loss + w * nll
+            still_open = []
+            for j in open_:
+                mine = [k for k, o in enumerate(owners) if o == j]
+                state[j].evaluations += len(mine) * self.s.draws
+                k = min(mine, key=lambda m: float(objective[m]))
+                best_objective, best_loss = best[j]
+                if float(objective[k]) <= best_objective + tol * best_loss:
+                    image = state[j]
+                    image.ids, image.objective, image.loss = rows[k], float(objective[k]), float(loss[k])
+                    image.prior_nll = float(nll[k])
+                    image.deletions += 1
+                    if image.objective < best_objective:
+                        best[j] = (image.objective, image.loss)
+                    if len(image.ids) > 1:
+                        still_open.append(j)
+            open_ = still_open
