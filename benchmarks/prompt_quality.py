@@ -28,19 +28,23 @@ from ph2p_lit.runfiles import read_jsonl
 CHECK = ["--model.refinement.check_draws=32"]
 NO_PRIOR = ["--model.refinement.language_model=null"]
 NO_SEARCH = ["--model.refinement.budget=0", "--model.refinement.prune_tolerance=null"]  # the prior only selects
-# The demo config spends about 3,000 U-Net evaluations per image (measured: the `evals` column);
-# the continuous-only variants get the same by more steps.
+# The demo config spends about 1,500 U-Net evaluations per image (measured: the `evals` column);
+# the variants below it get about the same by more steps (8 fixed draws scored every 5 steps count too).
 VARIANTS = {
+    # the demo config before the refinement (8611dbc): 40 PH2P steps, best by loss every 5 steps
+    "before: 40 PH2P steps (8611dbc demo config)": ["--model.refinement=null", "--model.steps=40"],
     # four rows: refinement x language prior
     "PH2P alone": ["--model.refinement=null"],
     "PH2P, prior selects the best": NO_SEARCH,
     "PH2P + refinement, no prior": NO_PRIOR + CHECK,
     "PH2P + refinement + prior (demo config)": CHECK,
     # quality against compute, at about the demo config's budget
-    "PH2P alone, 3k evals": ["--model.refinement=null", "--model.steps=150"],
-    "refinement + prior from the initial prompt alone": ["--model.steps=1", "--model.refinement.budget=3000"] + CHECK,
-    "Adam alone, 3k evals": ["--model.refinement=null", "--model.optimizer=adam", "--model.lr=0.05", "--model.steps=700"],
-    "L-BFGS alone, 3k evals": ["--model.refinement=null", "--model.optimizer=lbfgs", "--model.lr=1.0", "--model.steps=150"],
+    "PH2P alone, 1.5k evals": ["--model.refinement=null", "--model.steps=68"],
+    "refinement + prior from the initial prompt alone": ["--model.steps=1"] + CHECK,
+    "Adam alone, 1.5k evals": ["--model.refinement=null", "--model.optimizer=adam", "--model.lr=0.05", "--model.steps=265"],
+    "L-BFGS alone, 1.5k evals": ["--model.refinement=null", "--model.optimizer=lbfgs", "--model.lr=1.0", "--model.steps=68"],
+    # more refinement draws: do choices hold better, at what cost?
+    "demo config, 64 refinement draws": ["--model.refinement.draws=64"] + CHECK,
 }
 
 

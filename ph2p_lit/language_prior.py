@@ -77,15 +77,17 @@ class LanguagePrior:
         return torch.exp(nll / n)
 
     @torch.no_grad()
-    def _next_ids(self, rows: list[list[int]], k: int) -> list[list[int]]:
+    def _next_ids(self, rows: list[list[int]], k: int, min_prob: float = 0.0) -> list[list[int]]:
         ids, mask = self._batch(rows)
         logits = self.model(input_ids=ids, attention_mask=mask).logits
-        last = logits[torch.arange(len(rows)), mask.sum(1) - 1]  # (N, V) at each prefix's end
-        return last.topk(min(k, last.shape[-1]), dim=-1).indices.tolist()
+        last = logits[torch.arange(len(rows)), mask.sum(1) - 1].float().softmax(-1)  # (N, V) at each prefix's end
+        probs, top = last.topk(min(k, last.shape[-1]), dim=-1)
+        return [[i for i, p in zip(row, ps) if p >= min_prob] or row[:1] for row, ps in zip(top.tolist(), probs.tolist())]
 
-    def next_words_or_end(self, prefixes: list[str], k: int) -> list[list[str | None]]:
-        """Like next_words, with None where the end token is among the k."""
-        top = self._next_ids([[self.start_id, *self._tokens(prefix)] for prefix in prefixes], k)
+    def next_words_or_end(self, prefixes: list[str], k: int, min_prob: float = 0.0) -> list[list[str | None]]:
+        """Like next_words, with None where the end token is among the k; words less likely than
+        min_prob are left out (the likeliest always stays)."""
+        top = self._next_ids([[self.start_id, *self._tokens(prefix)] for prefix in prefixes], k, min_prob)
         out = []
         for row in top:
             words = [None if i == self.end_id else self.tokenizer.decode([i], skip_special_tokens=True).strip() for i in row]

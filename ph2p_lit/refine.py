@@ -33,6 +33,7 @@ class Refinement:
         beams: with a prior, first write a prompt per image by guided decoding (the prior
             proposes each next word, the diffusion loss ranks the partial prompts, this many kept)
             and start the search from it when it beats the continuous phase's prompt; 0: off.
+        prior_min_prob: proposals of the prior less likely than this are not tried.
         completions: with a prior, also try each swap with the rest of the prompt rewritten by
             the prior's greedy continuation.
         per_position: of a position's options, those with the lowest estimated objective (the
@@ -55,8 +56,9 @@ class Refinement:
     screen_draws: int = 4
     top_k: int = 8
     nearest_k: int = 2
-    prior_k: int = 6
+    prior_k: int = 12
     beams: int = 4
+    prior_min_prob: float = 0.01
     completions: bool = False
     per_position: int = 4
     finalists: int = 4
@@ -197,59 +199,74 @@ class PromptSearch:
         return out
 
     # ---- guided decoding -----------------------------------------------------------------
-    def decode(self, b: int) -> tuple[list[list[int]], list[int]]:
-        """A prompt per image written left to right by the prior and chosen by the image: each
-        of the `beams` partial prompts is extended by the prior's `prior_k` likeliest next words,
-        and the extensions are ranked by the diffusion loss of the partial prompt on the screening
-        draws plus weight x the prior's NLL of it as the start of a sentence. A beam that the prior
-        ends is complete. Returns each image's complete prompts (all beams that ended) flattened,
-        and their owners."""
+    def decode(self, b: int) -> dict[tuple[int, tuple[int, ...]], float]:
+        """Prompts per image written left to right by the prior and chosen by the image.
+
+        Each of the `beams` partial prompts is extended by the prior's likeliest next words
+        (`prior_k`, each at least `prior_min_prob` likely); each extension is judged by its
+        lookahead, the prior's greedy completion of it into a whole prompt, scored by the
+        objective on the screening draws: a colour is then compared in a caption's context, where
+        the loss tells values apart best, not as a dangling "a red". Returns every whole prompt
+        seen (completions and prompts the prior ended), keyed by (image, token ids), with its objective on the screening draws.
+        """
         w = self.s.prior_weight
         beams = [[[]] for _ in range(b)]
-        complete_rows, complete_owners = [], []
+        screened: dict[tuple[int, tuple[int, ...]], float] = {}  # (image, whole prompt) -> objective on screening draws
         for _ in range(self.max_decode_length):
             prefixes = [(j, row) for j in range(b) for row in beams[j]]
             if not prefixes:
                 break
-            proposals = self.prior.next_words_or_end([self.vocab.decode(row) for _, row in prefixes], self.s.prior_k)
+            texts = [self.vocab.decode(row) for _, row in prefixes]
+            proposals = self.prior.next_words_or_end(texts, self.s.prior_k, self.s.prior_min_prob)
             grown: list[tuple[int, list[int]]] = []
             for (j, row), words in zip(prefixes, proposals):
                 for word in words:
+                    token = None if word is None else self._single_token(word)
                     if word is None:
-                        if row:
-                            complete_rows.append(row)
-                            complete_owners.append(j)
-                        continue
-                    token = self._single_token(word)
-                    if token in self.allowed and not (self.no_repeat and token in row):
+                        self._screen([(j, row)], screened) if row else None
+                    elif token in self.allowed and not (self.no_repeat and token in row):
                         grown.append((j, row + [token]))
             if not grown:
                 break
-            rows, owners = [r for _, r in grown], [j for j, _ in grown]
-            score = self._score(rows, owners, self.screen)
-            score = score + w * self.prior.nll([self.vocab.decode(r) for r in rows], ended=False)[0]
-            for j in range(b):
-                self.decode_evaluations[j] += len(self.screen) * owners.count(j)
+            tails = self.prior.complete([self.vocab.decode(row) for _, row in grown], self.max_decode_length)
+            whole = [(j, self._extend(row, tail)) for (j, row), tail in zip(grown, tails)]
+            self._screen(whole, screened)
+            ranked = sorted(range(len(grown)), key=lambda k: screened[(whole[k][0], tuple(whole[k][1]))])
             beams = [[] for _ in range(b)]
-            for k in score.argsort().tolist():
-                j = owners[k]
-                if len(beams[j]) < self.s.beams:
-                    beams[j].append(rows[k])
-        for j in range(b):  # beams still open at the length limit count as complete too
-            for row in beams[j]:
-                complete_rows.append(row)
-                complete_owners.append(j)
-        return complete_rows, complete_owners
+            for k in ranked:
+                j, row = grown[k]
+                if len(beams[j]) < self.s.beams and len(row) < self.max_decode_length:
+                    beams[j].append(row)
+        return screened
+
+    def _extend(self, row: list[int], tail: str) -> list[int]:
+        ids = [t for t in self.vocab.tokenizer(tail, add_special_tokens=False).input_ids if t in self.allowed]
+        return (row + ids)[: self.max_decode_length]
+
+    def _screen(self, prompts: list[tuple[int, list[int]]], screened: dict) -> None:
+        """Objective on the screening draws of the whole prompts not scored yet."""
+        new = list(dict.fromkeys((j, tuple(row)) for j, row in prompts if (j, tuple(row)) not in screened))
+        if not new:
+            return
+        rows, owners = [list(r) for _, r in new], [j for j, _ in new]
+        score = self._score(rows, owners, self.screen) + self.s.prior_weight * self.prior_nll(rows)
+        for key, value in zip(new, score.tolist()):
+            screened[key] = value
+            self.decode_evaluations[key[0]] += len(self.screen)
 
     def _best_start(self, starts: list[list[int]]) -> list[list[int]]:
-        """Each image's start: its given prompt or, with a prior and beams > 0, the guided-decoding
-        prompt with the lowest objective on the screening draws, whichever is lower on them."""
+        """Each image's start: its given prompt or, with a prior and beams > 0, the best of the
+        guided decoding's prompts, whichever has the lower objective on all draws (the
+        `finalists` best on the screening draws are scored on all)."""
         if self.prior is None or not self.s.beams:
             return starts
         b = len(starts)
-        self.decode_evaluations = [0] * b
-        rows, owners = self.decode(b)
-        rows, owners = rows + starts, owners + list(range(b))
+        screened = self.decode(b)
+        rows, owners = [list(row) for row in starts], list(range(b))
+        for j in range(b):
+            mine = sorted((value, row) for (o, row), value in screened.items() if o == j)
+            rows += [list(row) for _, row in mine[: self.s.finalists]]
+            owners += [j] * len(mine[: self.s.finalists])
         every = torch.arange(self.s.draws)
         score = self._score(rows, owners, every) + self.s.prior_weight * self.prior_nll(rows)
         for j in owners:
