@@ -8,7 +8,7 @@ renders (a render seed nobody tuned on). Strict: the true word is in the prompt 
 of its attribute is. Junk: a word that is neither a world word nor an English function word.
 Cost: U-Net sample evaluations per image, as the run counts them (`unet_evals`). Holds: how often
 the refined prompt, chosen on the image's refinement draws, also beats its start prompt on 32 fresh
-draws. A finished variant's run folder is reused when W is given again.
+draws, by the diffusion loss alone and by the objective (loss + prior). A finished variant's run folder is reused when W is given again.
 """
 
 import argparse
@@ -64,12 +64,14 @@ def summarise(rows: list[dict], truth: dict, prior: LanguagePrior) -> dict:
     tokens = sum(c["tokens"] for c in counts)
     out["junk"] = sum(c["junk"] for c in counts) / max(tokens, 1)
     out["repeats"] = sum(c["repeats"] for c in counts) / max(tokens, 1)
+    out["content_repeats"] = sum(c["content_repeats"] for c in counts) / max(tokens, 1)
     out["length"] = tokens / len(rows)
     out["evals"] = float(np.mean([r["unet_evals"] for r in rows]))
     out["seconds"] = float(np.mean([r["seconds"] for r in rows]))
     out["perplexity"] = float(prior.perplexity([r["prompt"] for r in rows]).median())
     checks = [r["refinement"]["fresh_check"] for r in rows if "fresh_check" in r.get("refinement", {})]
-    out["holds"] = float(np.mean(checks)) if checks else None
+    out["holds"] = float(np.mean([c["loss"] for c in checks])) if checks else None
+    out["holds_objective"] = float(np.mean([c.get("objective", c["loss"]) for c in checks])) if checks else None
     return out
 
 
@@ -103,8 +105,8 @@ def main() -> None:
     truth = {json.loads(l)["file_name"]: json.loads(l) for l in (images / "metadata.jsonl").read_text().splitlines()}
     prior = LanguagePrior.from_pretrained("demo")
     print(f"\n{args.n} held-out renders (seed {args.seed}), configs/demo.yaml + options; {' '.join(extra)}")
-    print("| variant | colour / shape / background strict | all three | junk | repeats | words | "
-          "perplexity (caption LM, median) | U-Net evals / image | s / image | holds on fresh draws |")
+    print("| variant | colour / shape / background strict | all three | junk | repeats: any / content word | words | "
+          "perplexity (caption LM, median) | U-Net evals / image | s / image | holds on fresh draws: loss / objective |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.variants:
         rows = read_jsonl(work / name.replace(" ", "_") / "prompts.jsonl")
@@ -113,9 +115,9 @@ def main() -> None:
             continue
         s = summarise(rows, truth, prior)
         strict = " / ".join(f"{100 * s[f'{a}_exact']:.0f}%" for a in CONTENT_ATTRIBUTES)
-        holds = "–" if s["holds"] is None else f"{100 * s['holds']:.0f}%"
+        holds = "–" if s["holds"] is None else f"{100 * s['holds']:.0f}% / {100 * s['holds_objective']:.0f}%"
         print(f"| {name} | {strict} | {100 * s['all_three_exact']:.0f}% | {100 * s['junk']:.1f}% | "
-              f"{100 * s['repeats']:.1f}% | {s['length']:.1f} | {s['perplexity']:.1f} | {s['evals']:.0f} | "
+              f"{100 * s['repeats']:.1f}% / {100 * s['content_repeats']:.1f}% | {s['length']:.1f} | {s['perplexity']:.1f} | {s['evals']:.0f} | "
               f"{s['seconds']:.2f} | {holds} |")
     print(f"\nwork folder: {work}")
 

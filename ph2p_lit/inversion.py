@@ -427,21 +427,25 @@ class PromptInversion(L.LightningModule):
         return [grads[n, 1 : 1 + len(row)] for n, row in enumerate(rows)]  # the free positions
 
     @torch.no_grad()
-    def _fresh_check(self, starts: list[list[int]], finals: list[list[int]]) -> list[bool]:
-        """Does the final prompt also beat the start on fresh draws the search never saw?
-        Not counted in unet_evals: it measures the method, it is not part of it."""
+    def _fresh_check(self, starts: list[list[int]], finals: list[list[int]]) -> list[dict]:
+        """Does the final prompt also beat the start on fresh draws the search never saw, by the
+        diffusion loss alone and by the objective (loss + prior)? Not counted in unet_evals: it
+        measures the method, it is not part of it."""
         settings = self.refinement
         kept, saved = self._refine_draws, self.unet_evals.clone()
         self._refine_draws = self._draw_set("check", settings.check_draws, settings.window, spread=False)
         owners = list(range(len(starts)))
         every = torch.arange(settings.check_draws)
         start, final = self._hard_objective(starts, owners, every), self._hard_objective(finals, owners, every)
+        self._refine_draws, self.unet_evals = kept, saved
+        checks = [{"loss": bool(f <= s)} for s, f in zip(start.tolist(), final.tolist())]
         if self.prior is not None:
             w = settings.prior_weight
             start = start + w * self.prior.nll([self.vocab.decode(r) for r in starts])[0].to(start)
             final = final + w * self.prior.nll([self.vocab.decode(r) for r in finals])[0].to(final)
-        self._refine_draws, self.unet_evals = kept, saved
-        return [bool(f <= s) for s, f in zip(start.tolist(), final.tolist())]
+        for check, s, f in zip(checks, start.tolist(), final.tolist()):
+            check["objective"] = bool(f <= s)
+        return checks
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -34,13 +34,16 @@ def prompt_scores(prompt: str, truth: dict[str, str]) -> dict[str, dict[str, boo
 
 def token_shares(prompt: str) -> dict[str, int]:
     """Counts of a prompt's words: all, junk (neither a world word nor an English function word),
-    and repeats of an earlier word of the same prompt."""
+    repeats of an earlier word of the same prompt, and repeats of a content word (not a function
+    word: "a ... on a" is how a caption is written, "green green" is not)."""
     words = prompt.lower().split()
     known = set(world_words()) | FUNCTION_WORDS
+    repeated = [w for i, w in enumerate(words) if w in words[:i]]
     return {
         "tokens": len(words),
         "junk": sum(w not in known for w in words),
-        "repeats": sum(w in words[:i] for i, w in enumerate(words)),
+        "repeats": len(repeated),
+        "content_repeats": sum(w not in FUNCTION_WORDS for w in repeated),
     }
 
 
