@@ -55,3 +55,11 @@ def test_exact_score_refuses_prompts_that_list_every_value():
     assert all(listing[a]["present"] and not listing[a]["exact"] for a in truth)
     clean = prompt_scores("red square on white", truth)
     assert all(clean[a]["exact"] for a in truth)
+
+
+def test_token_shares_count_junk_and_repeats_as_the_issue_defines_them():
+    from ph2p_lit.demo.evaluate import token_shares
+
+    assert token_shares("dust star dust blue caucus white prize") == {"tokens": 7, "junk": 4, "repeats": 1, "content_repeats": 1}
+    # A caption repeats "a" as captions do; that is no content repeat.
+    assert token_shares("a red star on a white background") == {"tokens": 7, "junk": 0, "repeats": 1, "content_repeats": 0}

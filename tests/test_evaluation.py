@@ -150,3 +150,16 @@ def test_ph2p_evaluate_on_demo_prompts_prints_the_table_and_writes_json(tmp_path
     bad = subprocess.run([*PH2P, "evaluate", "--config", "configs/evaluate_demo.yaml", f"--prompts={run / 'prompts.jsonl'}",
                           "--clip_model=no-such/clip", "--local_files_only=true"], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("ph2p evaluate: error: clip_model=")
+
+
+def test_evaluate_reports_prompt_perplexity_under_a_language_model(tmp_path, tiny_model, image_folder):
+    from ph2p_lit.language_prior import LanguagePrior
+
+    prompts = _prompts(tmp_path, image_folder, ["caption 0", "a red star on a white background", "green circle"])
+    summary = evaluate(str(prompts), model=tiny_model, images_per_prompt=1, steps=2, clip_model=None, bert_model=None,
+                       lpips_backbone="random", language_model="demo", local_files_only=True, device="cpu")
+    rows = {r["prompt"]: r["prompt_perplexity"] for r in read_jsonl(prompts.parent / "metrics.jsonl")}
+    expected = LanguagePrior.from_pretrained("demo").perplexity(list(rows))
+    assert list(rows.values()) == pytest.approx(expected.tolist(), rel=1e-5)
+    assert rows["a red star on a white background"] < 3 < rows["caption 0"]  # a caption of the world vs junk
+    assert summary["means"]["prompt_perplexity"] == pytest.approx(float(expected.mean()), rel=1e-5)
