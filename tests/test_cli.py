@@ -98,7 +98,9 @@ def test_a_killed_run_resumes_mid_image_to_the_same_prompts(tiny_model, image_fo
     from pathlib import Path
 
     common = ["invert", f"--model.model={tiny_model}", "--model.prompt_length=3", "--model.steps=6",
-              "--model.max_iter=2", "--model.lr=20", f"--data.root={image_folder}", "--data.limit=3"]
+              "--model.max_iter=2", "--model.lr=20", f"--data.root={image_folder}", "--data.limit=3",
+              "--model.score_every_n_steps=2", "--model.refinement.draws=4", "--model.refinement.screen_draws=2",
+              "--model.refinement.budget=150"]  # the best so far and the refinement resume too
     checkpoints = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                    "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true",
                    "--trainer.enable_checkpointing=true"]
@@ -116,3 +118,4 @@ def test_a_killed_run_resumes_mid_image_to_the_same_prompts(tiny_model, image_fo
     expected = {r["image_id"]: r["token_ids"] for r in read_jsonl(whole / "prompts.jsonl")}
     assert [r["image_id"] for r in rows] == sorted(expected)  # each image once, in order
     assert {r["image_id"]: r["token_ids"] for r in rows} == expected
+    assert all("refinement" in r for r in rows)
