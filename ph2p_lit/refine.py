@@ -34,8 +34,6 @@ class Refinement:
             proposes each next word, the diffusion loss ranks the partial prompts, this many kept)
             and start the search from it when it beats the continuous phase's prompt; 0: off.
         prior_min_prob: proposals of the prior less likely than this are not tried.
-        completions: with a prior, also try each swap with the rest of the prompt rewritten by
-            the prior's greedy continuation.
         per_position: of a position's options, those with the lowest estimated objective (the
             first-order loss change plus the prior's exact change) that the U-Net scores.
         finalists: candidates per image scored on all draws each round.
@@ -59,7 +57,6 @@ class Refinement:
     prior_k: int = 12
     beams: int = 4
     prior_min_prob: float = 0.01
-    completions: bool = False
     per_position: int = 4
     finalists: int = 4
     budget: int = 3000
@@ -167,7 +164,6 @@ class PromptSearch:
                     seen.add(tuple(new))
                     swaps.append((i, new))
                     estimate.append(float(change[i, c]))
-            swaps += self._completions(row, swaps, estimate, seen)
             if swaps:
                 prior_change = self.prior_nll([new for _, new in swaps]) - nll_now[j]
                 estimate = torch.tensor(estimate) + self.s.prior_weight * prior_change
@@ -179,25 +175,6 @@ class PromptSearch:
             out.append(kept)
         return out
 
-    def _completions(self, row: list[int], swaps: list, estimate: list[float], seen: set) -> list:
-        """For each swap, the same swap with the rest of the prompt rewritten by the prior's greedy
-        continuation (up to the prompt's length): the move that repairs grammar a single swap
-        cannot, e.g. "on a lizards" -> "on a pink background". Same first-order estimate as
-        its swap; the prior's change is computed exactly by the caller."""
-        if self.prior is None or not self.s.completions:
-            return []
-        heads = [new[: i + 1] for i, new in swaps]
-        tails = self.prior.complete([self.vocab.decode(h) for h in heads], len(row))
-        out = []
-        for (i, _), head, tail, est in zip(swaps, heads, tails, list(estimate)):
-            ids = [t for t in self.vocab.tokenizer(tail, add_special_tokens=False).input_ids if t in self.allowed]
-            new = (head + ids)[: self.max_length]
-            if tuple(new) not in seen:
-                seen.add(tuple(new))
-                out.append((i, new))
-                estimate.append(est)
-        return out
-
     # ---- guided decoding -----------------------------------------------------------------
     def decode(self, b: int) -> dict[tuple[int, tuple[int, ...]], float]:
         """Prompts per image written left to right by the prior and chosen by the image.
@@ -207,9 +184,9 @@ class PromptSearch:
         lookahead, the prior's greedy completion of it into a whole prompt, scored by the
         objective on the screening draws: a colour is then compared in a caption's context, where
         the loss tells values apart best, not as a dangling "a red". Returns every whole prompt
-        seen (completions and prompts the prior ended), keyed by (image, token ids), with its objective on the screening draws.
+        seen (lookaheads and prompts the prior ended), keyed by (image, token ids), with its
+        objective on the screening draws.
         """
-        w = self.s.prior_weight
         beams = [[[]] for _ in range(b)]
         screened: dict[tuple[int, tuple[int, ...]], float] = {}  # (image, whole prompt) -> objective on screening draws
         for _ in range(self.max_decode_length):
@@ -221,10 +198,12 @@ class PromptSearch:
             grown: list[tuple[int, list[int]]] = []
             for (j, row), words in zip(prefixes, proposals):
                 for word in words:
-                    token = None if word is None else self._single_token(word)
-                    if word is None:
-                        self._screen([(j, row)], screened) if row else None
-                    elif token in self.allowed and not (self.no_repeat and token in row):
+                    if word is None:  # the prior ends the prompt here
+                        if row:
+                            self._screen([(j, row)], screened)
+                        continue
+                    token = self._single_token(word)
+                    if token in self.allowed and not (self.no_repeat and token in row):
                         grown.append((j, row + [token]))
             if not grown:
                 break
