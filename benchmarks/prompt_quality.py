@@ -43,6 +43,11 @@ VARIANTS = {
     "refinement + prior from the initial prompt alone": ["--model.steps=1"] + CHECK,
     "Adam alone, 1.5k evals": ["--model.refinement=null", "--model.optimizer=adam", "--model.lr=0.05", "--model.steps=265"],
     "L-BFGS alone, 1.5k evals": ["--model.refinement=null", "--model.optimizer=lbfgs", "--model.lr=1.0", "--model.steps=68"],
+    # a swap must lower the objective by a share of the loss: does that keep hedges out without a prior?
+    "PH2P + refinement, no prior, min_gain 0.005": NO_PRIOR + CHECK + ["--model.refinement.min_gain=0.005"],
+    "PH2P + refinement, no prior, min_gain 0.01": NO_PRIOR + CHECK + ["--model.refinement.min_gain=0.01"],
+    "PH2P + refinement, no prior, min_gain 0.02": NO_PRIOR + CHECK + ["--model.refinement.min_gain=0.02"],
+    "demo config, min_gain 0.01": CHECK + ["--model.refinement.min_gain=0.01"],
     # more refinement draws: do choices hold better, at what cost?
     "demo config, 64 refinement draws": ["--model.refinement.draws=64"] + CHECK,
 }

@@ -47,7 +47,7 @@ def _toy(vocab, loss_of_words):
 def _every_option(vocab, **kw) -> Refinement:
     n = len(vocab)
     base = dict(draws=4, screen_draws=2, top_k=n, nearest_k=0, prior_k=8, per_position=n, finalists=n,
-                budget=10**6, beams=0, prune_tolerance=None)
+                budget=10**6, beams=0, prune_tolerance=None, min_gain=0.0)
     return Refinement(**{**base, **kw})
 
 
@@ -74,7 +74,7 @@ def test_the_first_order_ranking_proposes_the_token_that_lowers_a_linear_loss(wo
         return [c.expand(len(r), -1) for r in rows]
 
     settings = Refinement(draws=2, screen_draws=1, top_k=1, nearest_k=0, prior_k=0, per_position=1, finalists=4,
-                          budget=10**6, beams=0, prune_tolerance=None)
+                          budget=10**6, beams=0, prune_tolerance=None, min_gain=0.0)
     (out,) = PromptSearch(objective, gradient, world_vocab, settings).run([_ids(world_vocab, "red star white")])
     best = int(world_vocab.token_ids[(world_vocab.embeddings @ c).argmin()])
     assert out.ids == [best, best, best]
@@ -121,6 +121,24 @@ def test_without_a_prior_hedges_win_and_with_one_the_caption_does(world_vocab, d
     words = world_vocab.decode(guided.ids).split()
     assert truth <= set(words) and not hedges & set(words)
     assert guided.prior_nll < 10  # a caption, as the world writes them
+
+
+def test_min_gain_takes_corrections_and_refuses_hedges(world_vocab):
+    """Putting the true word in place of a wrong one gains 10% of the loss, adding a hedge 0.5%:
+    with min_gain 2% only the correction is taken."""
+    truth, hedges = {"red", "star", "white"}, {"blue", "circle", "gray", "green", "square", "black"}
+
+    def loss(words):
+        named = set(words)
+        return 0.1 - 0.01 * len(truth & named) - 0.0005 * len(hedges & named)
+
+    objective, gradient = _toy(world_vocab, loss)
+    start = _ids(world_vocab, "a red heart on a white background")
+    (out,) = PromptSearch(objective, gradient, world_vocab, _every_option(world_vocab, min_gain=0.02)).run([start])
+    words = set(world_vocab.decode(out.ids).split())
+    assert truth <= words and not words & hedges
+    (greedy,) = PromptSearch(objective, gradient, world_vocab, _every_option(world_vocab)).run([start])
+    assert set(world_vocab.decode(greedy.ids).split()) & hedges  # with no margin the hedges come in
 
 
 def test_budget_bounds_the_search(world_vocab):
