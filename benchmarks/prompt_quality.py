@@ -43,11 +43,12 @@ VARIANTS = {
     "refinement + prior from the initial prompt alone": ["--model.steps=1"] + CHECK,
     "Adam alone, 1.5k evals": ["--model.refinement=null", "--model.optimizer=adam", "--model.lr=0.05", "--model.steps=265"],
     "L-BFGS alone, 1.5k evals": ["--model.refinement=null", "--model.optimizer=lbfgs", "--model.lr=1.0", "--model.steps=68"],
-    # a swap must lower the objective by a share of the loss: does that keep hedges out without a prior?
-    "PH2P + refinement, no prior, min_gain 0.005": NO_PRIOR + CHECK + ["--model.refinement.min_gain=0.005"],
-    "PH2P + refinement, no prior, min_gain 0.01": NO_PRIOR + CHECK + ["--model.refinement.min_gain=0.01"],
-    "PH2P + refinement, no prior, min_gain 0.02": NO_PRIOR + CHECK + ["--model.refinement.min_gain=0.02"],
-    "demo config, min_gain 0.01": CHECK + ["--model.refinement.min_gain=0.01"],
+    # how min_gain and pruning were chosen (docs/results.md)
+    **{f"no prior, min_gain {g}, pruning 0.5%": NO_PRIOR + CHECK + [f"--model.refinement.min_gain={g}",
+                                                                   "--model.refinement.prune_tolerance=0.005"]
+       for g in (0, 0.005, 0.01, 0.02)},
+    "demo config, min_gain 0, pruning 0.5%": CHECK + ["--model.refinement.min_gain=0",
+                                                      "--model.refinement.prune_tolerance=0.005"],
     # more refinement draws: do choices hold better, at what cost?
     "demo config, 64 refinement draws": ["--model.refinement.draws=64"] + CHECK,
 }
