@@ -111,8 +111,11 @@ class ResultsWriter(L.Callback):
     def on_train_start(self, trainer, pl_module):
         failures = getattr(trainer.datamodule, "failures", []) if trainer.datamodule else []
         if trainer.is_global_zero:
-            for failure in failures:
-                append_line(self.run_dir / "failures.jsonl", failure)
+            path = self.run_dir / "failures.jsonl"
+            listed = {(f.get("image_id"), f.get("error")) for f in read_jsonl(path)} if path.is_file() else set()
+            for failure in failures:  # a resumed run finds the same bad files again: list each once
+                if (failure["image_id"], failure["error"]) not in listed:
+                    append_line(path, failure)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not outputs or not outputs["finished"]:
@@ -124,12 +127,15 @@ class ResultsWriter(L.Callback):
             append_line(self.prompts_path(trainer), {**record, **{key: batch[key][k] for key in keys}})
 
     def on_train_end(self, trainer, pl_module):
-        """Fold the other ranks' files into prompts.jsonl (sorted, one line per image), atomically."""
+        """Fold the other ranks' files into prompts.jsonl (sorted, one line per image), atomically.
+        Also on one process: a DDP run resumed on a single device finds the other ranks' files."""
         trainer.strategy.barrier()
-        if not trainer.is_global_zero or trainer.world_size == 1:
+        if not trainer.is_global_zero:
             return
         final = self.run_dir / "prompts.jsonl"
         rank_files = sorted(self.run_dir.glob("prompts.rank*.jsonl"))
+        if not rank_files:
+            return
         rows = {r["image_id"]: r for path in [final, *rank_files] if path.is_file() for r in read_jsonl(path)}
         write_text_atomic(final, "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
         for path in rank_files:

@@ -253,7 +253,9 @@ class ImageDataModule(L.LightningDataModule):
                 for key in ("source", "negative_source"):
                     if key in item:
                         with Image.open(item[key]) as image:
-                            image.verify()
+                            # verify() reads no pixels: a truncated or corrupt file passes it and
+                            # then stops the run at every restart. Decoding it here costs one read.
+                            image.load()
                 good.append(item)
             except Exception as e:  # PIL raises many types for broken files
                 reason = f"{type(e).__name__}: {e}".splitlines()[0]
@@ -290,8 +292,14 @@ class ImageDataModule(L.LightningDataModule):
         """Images with a result in the run folder already (every rank's file)."""
         if not (self.hparams.skip_done and self.trainer):
             return set()
-        files = Path(self.trainer.default_root_dir).glob(self.results_glob)
-        return {row["image_id"] for path in files for row in read_jsonl(path)}
+        done = set()
+        for path in Path(self.trainer.default_root_dir).glob(self.results_glob):
+            rows = read_jsonl(path)
+            if any(not isinstance(row, dict) or "image_id" not in row for row in rows):
+                raise InputError(f"{path}: a line without image_id; each line is one image's result: "
+                                 "delete that line (its image is then inverted again)")
+            done |= {row["image_id"] for row in rows}
+        return done
 
     def todo_indices(self, skip_done: bool = True) -> list[int]:
         """Indices of the images without a result in the run folder yet (all of them, if not skip_done)."""

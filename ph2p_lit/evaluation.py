@@ -102,15 +102,18 @@ def evaluate(
     write_text_atomic(per_image, "".join(json.dumps(r) + "\n" for r in kept))
     records = {r["image_id"]: r for r in kept}
     shown = min(images_per_prompt, 3)
+    missing = []
     for row in rows:
         if row["image_id"] in records:
             continue
         source = Path(row.get("source", ""))
-        if not source.is_file():
-            raise InputError(f"{prompts}: image {row['image_id']}: source {str(source)!r} not found; "
-                             "run evaluate from the folder the invert run ran in")
-        with Image.open(source) as image:
-            target = to_pixels(image, backbone.resolution)[None].to(device)
+        try:
+            with Image.open(source) as image:
+                target = to_pixels(image, backbone.resolution)[None].to(device)
+        except (OSError, ValueError) as e:  # gone, moved or unreadable: measure the others, list it
+            missing.append({"image_id": row["image_id"], "source": str(source), "error": f"{type(e).__name__}: {e}".splitlines()[0]})
+            print(f"skipping {row['image_id']}: cannot read {source} (run evaluate from the folder the invert run ran in)")
+            continue
         generated = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed).to(device)
         # The report shows (the first few of) the images that were measured, not another sample.
         save_grid(grid_path(out_dir, row, shown, steps, guidance, seed), generated[:shown])
@@ -123,7 +126,7 @@ def evaluate(
 
     names = [k for r in records.values() for k in r if k not in ("image_id", "prompt", "settings")]
     means = {k: float(np.mean([r[k] for r in records.values() if k in r])) for k in dict.fromkeys(names)}
-    summary = {"images": len(records), "means": means, "settings": settings}
+    summary = {"images": len(records), "means": means, "settings": settings, "missing": missing}
     write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
     measured = {k: {m: v for m, v in r.items() if m not in ("image_id", "prompt", "settings")} for k, r in records.items()}
     report = write_report(out_dir, backbone, _run_settings(out_dir), shown, steps, guidance, seed, measured)

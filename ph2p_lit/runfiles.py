@@ -1,28 +1,78 @@
 """Files of a run folder written so that a crash loses nothing already written: whole-line
 appends that are fsynced, whole-file atomic replacement, and a reader that skips a torn line."""
 
+import errno
 import json
 import os
 from pathlib import Path
 
+from .errors import InputError
+
+_write = os.write  # one name for the tests' injected faults (a full disk mid-line)
+
+
+def _cut_torn_tail(fd: int) -> int:
+    """Truncate a last line that has no newline (a write cut by a crash or a full disk), so that
+    the next line does not join it; returns the file's size after."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        chunk = os.pread(fd, end - start, start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    os.ftruncate(fd, end)
+    return end
+
 
 def append_line(path: Path, record: dict) -> None:
-    """Append one JSON line in a single write and fsync it: a crash leaves whole lines only
-    (at worst a torn last line, which `read_jsonl` skips)."""
+    """Append one JSON line and fsync it. A torn last line left by an earlier crash is cut off
+    first (its image is then simply not done); a write that fails (full disk, read-only folder) is
+    undone and reported in one line, so the file holds whole lines only."""
     data = (json.dumps(record) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        size = _cut_torn_tail(fd)
+        try:
+            os.lseek(fd, size, os.SEEK_SET)
+            written = 0
+            while written < len(data):  # os.write may write part of it
+                written += _write(fd, data[written:])
+            os.fsync(fd)
+        except OSError as e:
+            os.ftruncate(fd, size)
+            raise _write_error(path, e) from None
     finally:
         os.close(fd)
+
+
+def _write_error(path: Path, e: OSError) -> InputError:
+    if e.errno == errno.ENOSPC:
+        hint = "free some space and run the same command again: the finished images are kept"
+    elif e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        hint = "the run folder is not writable: choose another trainer.default_root_dir"
+    else:
+        hint = "check the run folder (trainer.default_root_dir)"
+    return InputError(f"{path}: cannot write ({e.strerror or e}); {hint}")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a whole file or nothing: a crash leaves the old file (or none), never half a new one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
