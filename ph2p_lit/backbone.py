@@ -48,20 +48,24 @@ class Backbone:
         """Load a diffusers-layout Stable Diffusion checkpoint (folder or hub id), frozen."""
         path = resolve_model(model)
         kw = dict(local_files_only=local_files_only)
-        try:
-            backbone = cls(
-                tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-                text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw),
-                unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw),
-                vae=AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw),
-                scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
-            )
-        except OSError as e:  # missing file, unknown hub id, no network: hub errors span many lines
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(
-                f"model {model!r}: cannot load it ({reason}). Give a diffusers pipeline folder, or a hub id "
-                "that is in the local cache (local_files_only=true) or reachable online"
-            ) from e
+
+        def load(part: str, loader):
+            try:
+                return loader(path, subfolder=part, **kw)
+            except Exception as e:  # missing or corrupt file, unknown hub id, no network: many types, many lines
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise InputError(
+                    f"model {model!r}: cannot load its {part}/ ({reason}). Give a diffusers pipeline folder, or a "
+                    "hub id that is in the local cache (local_files_only=true) or reachable online"
+                ) from None
+
+        backbone = cls(
+            tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
+            text_encoder=load("text_encoder", lambda *a, **k: CLIPTextModel.from_pretrained(*a, dtype=dtype, **k)),
+            unet=load("unet", lambda *a, **k: UNet2DConditionModel.from_pretrained(*a, torch_dtype=dtype, **k)),
+            vae=load("vae", lambda *a, **k: AutoencoderKL.from_pretrained(*a, torch_dtype=dtype, **k)),
+            scheduler=load("scheduler", DDPMScheduler.from_pretrained),
+        )
         return backbone.to(device)
 
     def to(self, device: str | torch.device) -> "Backbone":

@@ -4,6 +4,7 @@
 Usage: ph2p invert --config configs/demo.yaml [--model.* ...] [--data.* ...] [--trainer.* ...]
 """
 
+import pickle
 import sys
 from pathlib import Path
 
@@ -93,9 +94,27 @@ def invert(args: list[str]) -> None:
         save_config_kwargs={"overwrite": True},
         subclass_mode_model=False,
     )
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
+    ckpt_path = cli.config.get("ckpt_path")
+    if ckpt_path not in (None, "last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
+        raise InputError(f"--ckpt_path={ckpt_path}: no such file; give a checkpoint, or 'last' for the run folder's newest")
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as e:
+        if ckpt_path is None or not _is_checkpoint_error(e):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"--ckpt_path={ckpt_path}: cannot resume from it ({reason[:200]}); it is not a checkpoint "
+                         "of this run's settings (prompt_length, batch_size, optimizer)") from None
     if cli.trainer.is_global_zero:
         print_table(Path(cli.trainer.default_root_dir))
+
+
+def _is_checkpoint_error(e: Exception) -> bool:
+    """Errors torch.load and load_state_dict raise for a file that is not this run's checkpoint."""
+    text = str(e).lower()
+    return isinstance(e, (EOFError, KeyError, pickle.UnpicklingError)) or any(
+        s in text for s in ("size mismatch", "state_dict", "unpickl", "invalid load key", "zip archive", "pytorchstreamreader")
+    )
 
 
 def reconstruct(args: list[str]) -> None:

@@ -48,13 +48,28 @@ def read_captions(root: Path) -> dict[str, str]:
     captions = {}
     meta = root / "metadata.jsonl"
     if meta.is_file():
-        for line in meta.read_text().splitlines():
-            if line.strip():
+        for number, line in enumerate(read_text(meta).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 row = json.loads(line)
-                text = next((row[k] for k in CAPTION_KEYS if k in row), None)
-                if text is not None:
-                    captions[row["file_name"]] = text
+            except json.JSONDecodeError as e:
+                raise InputError(f"{meta}: line {number} is not JSON ({e.msg}); fix or delete it") from None
+            if not isinstance(row, dict) or "file_name" not in row:
+                raise InputError(f"{meta}: line {number} has no file_name; each line names an image and its caption")
+            text = next((row[k] for k in CAPTION_KEYS if k in row), None)
+            if text is not None:
+                captions[row["file_name"]] = text
     return captions
+
+
+def read_text(path: Path) -> str:
+    """A caption file as text: UTF-8, or Latin-1 where it is not UTF-8 (older tools write it)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 class ImageFiles(Dataset):
@@ -178,6 +193,8 @@ class ImageDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self._check_sources(root, files, dataset)
+        if batch_size < 1 or steps < 1:
+            raise InputError(f"data.batch_size={batch_size}, data.steps={steps}: both must be at least 1")
         if negatives is not None and dataset is not None:
             raise InputError("data.negatives: pair negatives with data.root or data.files, not data.dataset")
         if negatives is not None and not Path(negatives).exists():
@@ -224,7 +241,7 @@ class ImageDataModule(L.LightningDataModule):
         items = []
         for path in paths:
             rel = path.relative_to(root).as_posix() if root else path.as_posix()
-            caption = captions.get(rel) or (path.with_suffix(".txt").read_text().strip()
+            caption = captions.get(rel) or (read_text(path.with_suffix(".txt")).strip()
                                             if path.with_suffix(".txt").is_file() else "")
             items.append({"image_id": rel, "source": str(path), "caption": caption})
         return items
@@ -269,7 +286,12 @@ class ImageDataModule(L.LightningDataModule):
         if hp.dataset is not None:
             import datasets
 
-            ds = datasets.load_dataset(hp.dataset, split=hp.split)
+            try:
+                ds = datasets.load_dataset(hp.dataset, split=hp.split)
+            except Exception as e:  # hub, network and file errors of many types; all say the same to a user
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise InputError(f"data.dataset={hp.dataset!r}: cannot load it ({reason}); give a dataset id "
+                                 "on the hub or in the local cache, or a local folder") from None
             if hp.image_column not in ds.column_names:
                 raise InputError(f"data.image_column={hp.image_column!r} not in {hp.dataset} ({ds.column_names})")
             caption = hp.caption_column if hp.caption_column in ds.column_names else None

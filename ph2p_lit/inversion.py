@@ -101,6 +101,10 @@ class PromptInversion(L.LightningModule):
         local_files_only: bool = False,
     ):
         super().__init__()
+        for key, value in (("steps", steps), ("max_iter", max_iter), ("batch_size", batch_size), ("draws", draws),
+                           ("eval_draws", eval_draws), ("score_every_n_steps", score_every_n_steps)):
+            if value < 1:
+                raise InputError(f"model.{key}={value}: must be at least 1")
         self.save_hyperparameters()
         # A checkpoint's hparams (and some CLI paths) hold the settings as a plain dict.
         self.refinement = Refinement(**refinement) if isinstance(refinement, dict) else refinement

@@ -164,3 +164,67 @@ def test_evaluate_measures_the_others_when_an_image_is_missing(tiny_model, tmp_p
     assert json.loads((prompts.parent / "metrics.json").read_text())["missing"][0]["image_id"] == "img1.png"
     assert "skipping img1.png" in capsys.readouterr().out
     shutil.rmtree(prompts.parent)
+
+
+# ---- one-line errors where a library would give a traceback -----------------------------------
+
+def test_bad_metadata_lines_name_the_file_and_line(tmp_path):
+    root = _folder(tmp_path)
+    for text, expected in (('{"file_name": "img0.png", "text": "ok"}\n{not json\n', "line 2 is not JSON"),
+                           ('{"text": "no file"}\n', "line 1 has no file_name")):
+        (root / "metadata.jsonl").write_text(text)
+        with pytest.raises(InputError, match=expected):
+            ImageDataModule(root=str(root), resolution=16).setup()
+
+
+def test_a_latin1_caption_file_is_read(tmp_path):
+    root = _folder(tmp_path, n=1)
+    (root / "img0.txt").write_bytes("un café crème".encode("latin-1"))
+    data = ImageDataModule(root=str(root), resolution=16)
+    data.setup()
+    assert data.images.items[0]["caption"] == "un café crème"
+
+
+@pytest.mark.parametrize("key, value", [("steps", -3), ("max_iter", 0), ("batch_size", 0), ("steps", 0)])
+def test_counts_below_one_are_one_line_errors(key, value):
+    with pytest.raises(InputError, match=f"model.{key}={value}: must be at least 1"):
+        PromptInversion(**{key: value})
+
+
+def test_data_batch_size_zero_is_a_one_line_error(tmp_path):
+    with pytest.raises(InputError, match="data.batch_size=0"):
+        ImageDataModule(root=str(tmp_path), batch_size=0)
+
+
+def test_a_dataset_that_does_not_load_is_one_line(tmp_path):
+    data = ImageDataModule(dataset=str(tmp_path / "no_such_dir"), resolution=16)
+    with pytest.raises(InputError, match="data.dataset=.*no_such_dir.*cannot load it") as e:
+        data.setup()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("part, damage", [("text_encoder", "model.safetensors"), ("tokenizer", "tokenizer.json")])
+def test_a_corrupt_component_names_its_folder(tiny_model, copy_of, part, damage):
+    from ph2p_lit.backbone import Backbone
+
+    model = copy_of(tiny_model)
+    target = next(p for p in (__import__("pathlib").Path(model) / part).iterdir() if p.name == damage)
+    target.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(InputError, match=f"cannot load its {part}/") as e:
+        Backbone.from_pretrained(model, local_files_only=True)
+    assert "\n" not in str(e.value)
+
+
+def test_a_checkpoint_path_that_is_missing_or_garbage_is_one_line(tiny_model, tmp_path, capsys):
+    from ph2p_lit.cli import main
+
+    root = _folder(tmp_path, n=1)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint" * 20)
+    for path, expected in ((tmp_path / "none.ckpt", "no such file"), (garbage, "cannot resume from it")):
+        with pytest.raises(SystemExit) as e:
+            main(["invert", f"--model.model={tiny_model}", "--model.prompt_length=2", "--model.steps=1",
+                  "--model.local_files_only=true", f"--data.root={root}", f"--trainer.default_root_dir={tmp_path / 'run'}",
+                  "--trainer.callbacks=[{class_path: ph2p_lit.callbacks.ResultsWriter}]",
+                  "--trainer.enable_progress_bar=false", f"--ckpt_path={path}"])
+        assert expected in str(e.value.code) and "\n" not in str(e.value.code)
