@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from .generate import generate
-from .runfiles import append_line, read_jsonl, write_text_atomic
+from .runfiles import RunLock, append_line, read_jsonl, write_text_atomic
 from .similarity import load_similarity
 
 
@@ -102,11 +102,22 @@ class ResultsWriter(L.Callback):
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
+        self.lock: RunLock | None = None
 
     def setup(self, trainer, pl_module, stage):
         self.run_dir = Path(self.dirpath or trainer.default_root_dir)
+        self.lock = RunLock(self.run_dir)
         if trainer.is_global_zero:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+
+    def teardown(self, trainer, pl_module, stage):
+        if self.lock is not None:
+            self.lock.release()
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.lock is not None:
+            self.lock.release()  # a run that stops on an error frees its folder for the rerun
 
     def on_train_start(self, trainer, pl_module):
         failures = getattr(trainer.datamodule, "failures", []) if trainer.datamodule else []

@@ -28,7 +28,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if arr.max() > 255 else 255.0
+        # A 16-bit image is scaled by its format's range, not by its values: a dark one (all <= 255)
+        # is dark, not bright. Mode "I" (32-bit) keeps the old guess, as it has no fixed range.
+        scale = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
         image = Image.fromarray(np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "P", "PA") and ("transparency" in image.info or image.mode.endswith("A")):
         rgba = image.convert("RGBA")
@@ -306,7 +308,9 @@ class ImageDataModule(L.LightningDataModule):
             self.images = ImageFiles(items, resolution)
         if len(self.images) == 0:
             where = hp.get("prompts") or hp.root or hp.files or hp.dataset
-            raise InputError(f"data: no readable images in {where}")
+            why = f" ({len(self.failures)} could not be read; first: {self.failures[0]['source']}: " \
+                  f"{self.failures[0]['error']})" if self.failures else ""
+            raise InputError(f"data: no readable images in {where}{why}")
 
     results_glob = "prompts*.jsonl"  # the files whose lines mark an image as done
 

@@ -2,6 +2,7 @@
 appends that are fsynced, whole-file atomic replacement, and a reader that skips a torn line."""
 
 import errno
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -83,3 +84,28 @@ def read_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line torn by a crash mid-write
     return rows
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on `run.lock`), held while a run writes there: a
+    second run started on the same folder stops with one line instead of inverting every image
+    again beside the first. The kernel drops the lock when the process dies, so a killed run
+    leaves nothing to clean up."""
+
+    def __init__(self, folder: Path):
+        self.path, self.fd = Path(folder) / "run.lock", None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(f"{self.path.parent}: another run is writing to this run folder ({self.path.name}); "
+                             "wait for it to finish or choose another trainer.default_root_dir") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None

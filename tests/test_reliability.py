@@ -228,3 +228,36 @@ def test_a_checkpoint_path_that_is_missing_or_garbage_is_one_line(tiny_model, tm
                   "--trainer.callbacks=[{class_path: ph2p_lit.callbacks.ResultsWriter}]",
                   "--trainer.enable_progress_bar=false", f"--ckpt_path={path}"])
         assert expected in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_a_second_run_on_a_busy_run_folder_stops_with_one_line(tiny_model, tmp_path):
+    from ph2p_lit.runfiles import RunLock
+
+    root, run = _folder(tmp_path), tmp_path / "run"
+    run.mkdir()
+    other = RunLock(run)
+    other.acquire()  # a first run is writing there
+    try:
+        with pytest.raises(InputError, match="another run is writing to this run folder"):
+            _invert(tiny_model, root, run)
+        assert not (run / "prompts.jsonl").exists()
+    finally:
+        other.release()
+    _invert(tiny_model, root, run)  # once it is done, the folder is free again
+    assert len(read_jsonl(run / "prompts.jsonl")) == 3
+
+
+def test_a_folder_of_only_bad_files_says_why(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "a.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match=r"no readable images in .*\(1 could not be read; first: .*a.png"):
+        ImageDataModule(root=str(root), resolution=16).setup()
+
+
+def test_a_dark_16_bit_image_stays_dark():
+    from ph2p_lit.data import to_rgb
+
+    dark = Image.fromarray(np.full((4, 4), 200, dtype=np.uint16))
+    assert dark.mode.startswith("I;16")
+    assert np.asarray(to_rgb(dark)).max() <= 1  # 200 / 65535 of white, not 200 / 255
