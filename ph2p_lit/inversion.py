@@ -50,8 +50,9 @@ class PromptInversion(L.LightningModule):
             the first and last step) to keep the best.
         patience: > 0 stops an image once its best loss has not improved by more than `min_delta`
             for this many scorings in a row (all images of a batch stop together).
-        refinement: the discrete refinement after the continuous phase (refine.Refinement: greedy
-            token swaps and deletions by the diffusion loss plus a language prior); None: off.
+        refinement: the discrete refinement after the continuous phase (refine.Refinement: guided
+            decoding by a language prior, greedy token swaps, optional pruning, all scored by the
+            diffusion loss plus the prior); None: off.
         metric, ascii_only, whole_words, english_words, allow, deny, no_repeat: the vocabulary.
         negative_weight: w of negative-image prompting (the paper's Algorithm 2, which uses 1): with
             negative images in the data, each image minimises L(target) − w · L(negative).
