@@ -261,3 +261,19 @@ def test_a_dark_16_bit_image_stays_dark():
     dark = Image.fromarray(np.full((4, 4), 200, dtype=np.uint16))
     assert dark.mode.startswith("I;16")
     assert np.asarray(to_rgb(dark)).max() <= 1  # 200 / 65535 of white, not 200 / 255
+
+
+def test_a_checkpoint_of_another_prompt_length_is_one_line(tiny_model, tmp_path):
+    from ph2p_lit.cli import main
+
+    root = _folder(tmp_path, n=1)
+    common = [f"--model.model={tiny_model}", "--model.steps=2", "--model.local_files_only=true", f"--data.root={root}",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=true",
+              "--trainer.callbacks=[{class_path: ph2p_lit.callbacks.ResultsWriter}, "
+              "{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {every_n_train_steps: 1, save_last: true}}]"]
+    main(["invert", "--model.prompt_length=2", f"--trainer.default_root_dir={tmp_path / 'a'}", *common])
+    last = next((tmp_path / "a").rglob("last.ckpt"))
+    with pytest.raises(SystemExit) as e:
+        main(["invert", "--model.prompt_length=3", f"--trainer.default_root_dir={tmp_path / 'b'}", f"--ckpt_path={last}",
+              *common])
+    assert "cannot resume from it" in str(e.value.code) and "\n" not in str(e.value.code)
