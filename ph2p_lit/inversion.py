@@ -329,9 +329,12 @@ class PromptInversion(L.LightningModule):
 
     @torch.no_grad()
     def keep_best(self) -> None:
-        """Score the current projected prompts on the fixed set; keep each image's lowest."""
+        """Score the current projected prompts on the fixed set; keep each image's lowest. The
+        last scoring is kept too: it is the final prompt's loss the record reports."""
         ids = self.current_ids()
-        for j, (row, loss) in enumerate(zip(ids.tolist(), self.score(ids).tolist())):
+        losses = self.score(ids)
+        self.last_scored = (ids, losses)
+        for j, (row, loss) in enumerate(zip(ids.tolist(), losses.tolist())):
             if loss < self.best["loss"][j] - self.hparams.min_delta:
                 self.best["ids"][j], self.best["loss"][j], self.best["step"][j] = row, loss, self.step_in_batch
                 self.best["stale"][j] = 0
@@ -345,8 +348,7 @@ class PromptInversion(L.LightningModule):
     def results(self) -> list[dict]:
         """One record per image of the current batch: the best prompt of the continuous phase,
         refined when model.refinement is set, with its losses and its cost."""
-        final_ids = self.current_ids()
-        final_losses = self.score(final_ids)
+        final_ids, final_losses = self.last_scored  # scored by keep_best at this, the image's last step
         best = [list(row) for row in self.best["ids"]]
         refined = self.refine(best) if self.refinement is not None else None
         seconds = (time.perf_counter() - self.started) / len(self.image_ids)

@@ -99,6 +99,7 @@ class PromptSearch:
                  max_decode_length: int | None = None):
         self.objective, self.gradient, self.vocab, self.s = objective, gradient, vocab, settings
         self.prior, self.no_repeat, self.max_length = prior, no_repeat, max_length
+        self._nll: dict[tuple[int, ...], float] = {}
         # Guided decoding may write a whole caption, up to what the text encoder reads.
         self.max_decode_length = max_decode_length or max_length
         self.token_ids = vocab.token_ids.cpu()
@@ -110,9 +111,18 @@ class PromptSearch:
 
     # ---- scoring -------------------------------------------------------------------------
     def prior_nll(self, rows: list[list[int]]) -> torch.Tensor:
+        """The prior's NLL of each row, (N,); each distinct prompt goes through the LM once per search."""
         if self.prior is None or not rows:
             return torch.zeros(len(rows))
-        return self.prior.nll([self.vocab.decode(row) for row in rows])[0]
+        new = list(dict.fromkeys(tuple(row) for row in rows if tuple(row) not in self._nll))
+        if new:
+            values = self.prior.nll([self.vocab.decode(list(row)) for row in new])[0]
+            self._nll.update(zip(new, values.tolist()))
+        return torch.tensor([self._nll[tuple(row)] for row in rows])
+
+    def _split_scores(self, rows: list[list[int]], owners: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of each row on the screening draws and on the rest, (N,) each."""
+        return self._score(rows, owners, self.screen), self._score(rows, owners, self.rest)
 
     def _score(self, rows: list[list[int]], owners: list[int], draws: torch.Tensor) -> torch.Tensor:
         if not rows:
@@ -240,28 +250,25 @@ class PromptSearch:
             screened[key] = value
             self.decode_evaluations[key[0]] += len(self.screen)
 
-    def _best_start(self, starts: list[list[int]]) -> list[list[int]]:
-        """Each image's start: its given prompt or, with a prior and beams > 0, the best of the
-        guided decoding's prompts, whichever has the lower objective on all draws (the
-        `finalists` best on the screening draws are scored on all)."""
-        if self.prior is None or not self.s.beams:
-            return starts
-        b = len(starts)
-        screened = self.decode(b)
+    def _best_start(self, starts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """Each image's start and its loss on the screening draws and on the rest: its given
+        prompt or, with a prior and beams > 0, the best of the guided decoding's prompts,
+        whichever has the lower objective on all draws (the `finalists` best on the screening
+        draws are scored on all)."""
+        b, K = len(starts), self.s.draws
         rows, owners = [list(row) for row in starts], list(range(b))
-        for j in range(b):
-            mine = sorted((value, row) for (o, row), value in screened.items() if o == j)
-            rows += [list(row) for _, row in mine[: self.s.finalists]]
-            owners += [j] * len(mine[: self.s.finalists])
-        every = torch.arange(self.s.draws)
-        score = self._score(rows, owners, every) + self.s.prior_weight * self.prior_nll(rows)
+        if self.prior is not None and self.s.beams:
+            screened = self.decode(b)
+            for j in range(b):
+                mine = sorted((value, row) for (o, row), value in screened.items() if o == j)
+                rows += [list(row) for _, row in mine[: self.s.finalists]]
+                owners += [j] * len(mine[: self.s.finalists])
+        screen, rest = self._split_scores(rows, owners)
+        score = (len(self.screen) * screen + len(self.rest) * rest) / K + self.s.prior_weight * self.prior_nll(rows)
         for j in owners:
-            self.decode_evaluations[j] += self.s.draws
-        best = list(starts)
-        for j in range(b):
-            mine = [k for k, o in enumerate(owners) if o == j]
-            best[j] = rows[min(mine, key=lambda k: float(score[k]))]
-        return best
+            self.decode_evaluations[j] += K
+        chosen = [min((k for k, o in enumerate(owners) if o == j), key=lambda k: float(score[k])) for j in range(b)]
+        return [rows[k] for k in chosen], screen[chosen], rest[chosen]
 
     # ---- the search ----------------------------------------------------------------------
     def run(self, starts: list[list[int]], soft: torch.Tensor | None = None) -> list[Refined]:
@@ -269,15 +276,13 @@ class PromptSearch:
         b, K = len(starts), self.s.draws
         owners = list(range(b))
         self.decode_evaluations = [0] * b
-        starts = self._best_start(starts)
-        screen_loss = self._score(starts, owners, self.screen)
-        rest_loss = self._score(starts, owners, self.rest)
+        starts, screen_loss, rest_loss = self._best_start(starts)
         loss = (len(self.screen) * screen_loss + len(self.rest) * rest_loss) / K
         nll = self.prior_nll(starts)
         state = [
             Refined(ids=list(row), unpruned_ids=list(row), start_objective=float(loss[j] + self.s.prior_weight * nll[j]),
                     objective=float(loss[j] + self.s.prior_weight * nll[j]), loss=float(loss[j]), prior_nll=float(nll[j]),
-                    evaluations=K + self.decode_evaluations[j])
+                    evaluations=self.decode_evaluations[j])
             for j, row in enumerate(starts)
         ]
         screen_now = [float(screen_loss[j] + self.s.prior_weight * nll[j]) for j in range(b)]

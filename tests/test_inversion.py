@@ -269,12 +269,12 @@ def test_best_prompt_by_clip_similarity_keeps_the_most_similar_scored_prompt(tin
 
 
 def test_records_count_every_unet_evaluation(tiny_model, image_folder, tmp_path):
-    """3 steps x 2 evaluations x 1 draw, plus 8 fixed draws at the scorings of steps 1 and 3 and
-    once more for the final prompt: 6 + 24 U-Net samples."""
+    """3 steps x 2 evaluations x 1 draw, plus 8 fixed draws at the scorings of steps 1 and 3 (the
+    record's final loss is step 3's scoring, not a third one): 6 + 16 U-Net samples."""
     module = _module(tiny_model, steps=3, max_iter=2, draws=1, eval_draws=8, score_every_n_steps=10)
     _fit(module, image_folder, tmp_path, callbacks=[ResultsWriter()], limit=1)
     (row,) = read_jsonl(tmp_path / "prompts.jsonl")
-    assert row["unet_evals"] == 3 * 2 * 1 + 3 * 8
+    assert row["unet_evals"] == 3 * 2 * 1 + 2 * 8
 
 
 def test_a_plateau_stops_an_image_and_its_record_says_when(tiny_model, image_folder, tmp_path):
