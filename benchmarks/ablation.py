@@ -36,9 +36,13 @@ VARIANTS = {  # name: extra `ph2p invert` options on top of configs/demo.yaml
 
 
 def callbacks(select_by: str) -> str:
+    """The results writer, and for an image-based criterion the tracker that selects by it (the
+    module keeps the lowest-loss prompt itself)."""
+    writer = "{class_path: ph2p_lit.callbacks.ResultsWriter}"
+    if select_by == "loss":
+        return f"--trainer.callbacks=[{writer}]"
     tracker = f"{{every_n_steps: 5, select_by: {select_by}}}"
-    return (f"--trainer.callbacks=[{{class_path: ph2p_lit.callbacks.BestPromptTracker, init_args: {tracker}}}, "
-            "{class_path: ph2p_lit.callbacks.ResultsWriter}]")
+    return f"--trainer.callbacks=[{{class_path: ph2p_lit.callbacks.BestPromptTracker, init_args: {tracker}}}, {writer}]"
 
 
 def main() -> None:
@@ -59,7 +63,9 @@ def main() -> None:
             run = work / f"variant{k}_seed{seed}"
             if not (run / "prompts.jsonl").is_file() or len(read_jsonl(run / "prompts.jsonl")) < args.n:
                 select_by = "oracle" if "--select_by=oracle" in extra else "loss"
-                invert(["--config=configs/demo.yaml", f"--data.root={images}", f"--trainer.default_root_dir={run}",
+                # Table 4 ablates the continuous phase: the demo config of that table, without the refinement.
+                invert(["--config=configs/demo.yaml", "--model.refinement=null", "--model.steps=40",
+                        f"--data.root={images}", f"--trainer.default_root_dir={run}",
                         f"--model.seed={seed}", "--trainer.enable_progress_bar=false", callbacks(select_by),
                         *[e for e in extra if not e.startswith("--select_by")]])
             rows = read_jsonl(run / "prompts.jsonl")
