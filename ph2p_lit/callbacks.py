@@ -167,10 +167,9 @@ class PromptProgressBar(TQDMProgressBar):
         metrics.pop("v_num", None)
         loader = trainer.train_dataloader
         if loader is not None:
-            n_images = sum(len(b) for b in loader.batch_sampler.batches)
-            batch_index = trainer.fit_loop.epoch_loop.batch_progress.current.completed // max(pl_module.hparams.steps, 1)
-            first = min(batch_index * pl_module.hparams.batch_size + 1, n_images)
-            metrics["image"] = f"{first}/{n_images}"
+            sampler = loader.batch_sampler
+            first, last = sampler.images_at(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+            metrics["image"] = f"{first}/{sampler.n_images()}" if first == last else f"{first}-{last}/{sampler.n_images()}"
         if pl_module.image_ids:
             with torch.no_grad():
                 ids = pl_module.project(pl_module.soft_prompt[:1])[0]

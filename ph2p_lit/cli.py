@@ -56,6 +56,14 @@ class InversionCLI(LightningCLI):
         )
 
 
+    def before_instantiate_classes(self) -> None:
+        # `--trainer.enable_progress_bar=false` means no bar: drop ours rather than let Lightning
+        # refuse the combination with a traceback.
+        trainer = self.config["trainer"]
+        if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
+            trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("ProgressBar")]
+
+
 class ReconstructionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model", "data.model")
@@ -105,6 +113,11 @@ def invert(args: list[str]) -> None:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"--ckpt_path={ckpt_path}: cannot resume from it ({reason[:200]}); it is not a checkpoint "
                          "of this run's settings (prompt_length, batch_size, optimizer)") from None
+    if ckpt_path is not None and cli.datamodule.todo_indices():
+        # The checkpoint's epoch had ended, so Lightning considers the run done; images added to
+        # the folder since are inverted by a fresh run on the same folder (finished ones are skipped).
+        trainer = cli.instantiate_trainer()
+        trainer.fit(cli.model, datamodule=cli.datamodule)
     if cli.trainer.is_global_zero:
         print_table(Path(cli.trainer.default_root_dir))
 

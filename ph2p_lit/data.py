@@ -121,29 +121,61 @@ class HFImages(Dataset):
 
 
 class RepeatedBatches(Sampler):
-    """This rank's images in fixed batches, each batch yielded `repeats` times in a row.
+    """A plan of (batch of indices, repeats) pairs: each batch yielded `repeats` times in a row,
+    one optimiser step each.
 
-    skip: items already consumed in this epoch before a restart from a checkpoint (Lightning
-    restores its batch count and then draws only the remaining ones).
-    n_batches: pad to this many batches by repeating the last one; a repeat of a finished batch
-    costs nothing (the module skips it), so shorter DDP shards keep in step without extra work.
+    consumed: items the run had already consumed before a restart from a checkpoint. Lightning
+    restores its batch count and expects only the remaining ones, so they count in len() but are
+    not yielded again.
     """
 
-    def __init__(self, indices: list[int], batch_size: int, repeats: int, skip: int = 0, n_batches: int = 0):
-        self.batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-        self.batches += self.batches[-1:] * (n_batches - len(self.batches))
-        self.repeats, self.skip = repeats, skip
+    def __init__(self, plan: list[tuple[list[int], int]], consumed: int = 0):
+        self.plan, self.consumed = plan, consumed
 
     def __iter__(self):
-        n = 0
-        for batch in self.batches:
-            for _ in range(self.repeats):
-                if n >= self.skip:
-                    yield batch
-                n += 1
+        for batch, repeats in self.plan:
+            for _ in range(repeats):
+                yield batch
 
     def __len__(self) -> int:
-        return len(self.batches) * self.repeats
+        return self.consumed + sum(repeats for _, repeats in self.plan)
+
+    def n_images(self) -> int:
+        return len({i for batch, _ in self.plan for i in batch})
+
+    def images_at(self, consumed: int) -> tuple[int, int]:
+        """(first, last) ordinal of the images being inverted after `consumed` items, from 1."""
+        seen, position = set(), self.consumed
+        for batch, repeats in self.plan:
+            if consumed < position + repeats:
+                first = len(seen) + 1
+                return first, first + len(set(batch) - seen) - 1
+            seen |= set(batch)
+            position += repeats
+        return len(seen), len(seen)
+
+
+def rank_batches(items: list, batch_size: int, world: int, rank: int) -> list[list]:
+    """Rank `rank`'s stride slice of `items` in batches. Under DDP ranks step in lockstep, so every
+    rank gets the longest shard's batch count: a shorter one repeats its last batch (a repeat of a
+    finished batch costs nothing), and a rank left without items repeats the last item (the merge of
+    the rank files keeps one line per image)."""
+    shards = [items[r::world] for r in range(world)]
+    n_batches = max(-(-len(shard) // batch_size) for shard in shards)
+    mine = shards[rank] or items[-1:]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    return batches + batches[-1:] * (n_batches - len(batches))
+
+
+def in_flight(plan: list[tuple[list, int]], consumed: int) -> tuple[list, int]:
+    """The batch of `plan` that `consumed` items stop inside, and how many of its repeats were
+    used; ([], 0) when they stop between batches."""
+    position = 0
+    for batch, repeats in plan:
+        if consumed < position + repeats:
+            return (batch, consumed - position) if consumed > position else ([], 0)
+        position += repeats
+    return [], 0
 
 
 def collate(items: list[dict]) -> dict:
@@ -352,19 +384,41 @@ class ImageDataModule(L.LightningDataModule):
         # `processed`, not `completed`: a checkpoint written at a batch's end counts it processed only.
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
+    def state_dict(self) -> dict:
+        # Every rank's plan of image ids: a resumed run finds the images a checkpoint stopped inside
+        # by position, even after images were added to or removed from the folder since.
+        return {"plans": getattr(self, "_plans", None), "consumed": getattr(self, "_consumed", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._saved = state
+
     def train_dataloader(self) -> DataLoader:
-        skip = self.resumed_batches()
-        # Resuming from a checkpoint: the image list must be the one the checkpoint counted in,
-        # so finished images stay in it (their batches are skipped, not redone).
-        todo = self.todo_indices(skip_done=not skip)
-        # Under DDP ranks step in lockstep: a rank with fewer batches would wait for ever, so every
-        # rank gets the longest shard's batch count (RepeatedBatches pads by repeating a batch). A
-        # rank left without images (fewer images than ranks) repeats another's last image; the
-        # final merge of the rank files keeps one line per image.
-        indices = todo[self._rank() :: self._world()] or todo[-1:]
-        n_batches = -(-len(todo[:: self._world()]) // self.hparams.batch_size)
-        sampler = RepeatedBatches(indices, self.hparams.batch_size, self.hparams.steps, skip=skip,
-                                  n_batches=n_batches)
+        steps, size, world = self.hparams.steps, self.hparams.batch_size, self._world()
+        todo = self.todo_indices()
+        consumed = self.resumed_batches()
+        saved = getattr(self, "_saved", None) if consumed else None
+        flying, repeats_left = [[] for _ in range(world)], 0
+        if saved and saved.get("plans") and len(saved["plans"]) == world:
+            ids = set(self.images.image_ids()[i] for i in todo)
+            for r, plan in enumerate(saved["plans"]):
+                batch, used = in_flight(plan, consumed - saved["consumed"])
+                # Only a batch still whole (every image present, none finished) can continue from
+                # the checkpoint's soft prompts; its images are not planned again below.
+                flying[r] = batch if batch and set(batch) <= ids else []
+                repeats_left = max(repeats_left, steps - used if batch else 0)
+        index = {image_id: i for i, image_id in enumerate(self.images.image_ids())}
+        flying_ids = {image_id for batch in flying for image_id in batch}
+        rest = [i for i in todo if self.images.image_ids()[i] not in flying_ids]
+        plans = []
+        for r in range(world):
+            batches = rank_batches(rest, size, world, r) if rest else []
+            first = [index[i] for i in flying[r]] or (batches or [todo[-1:]])[0]
+            head = [(first, repeats_left)] if repeats_left and first else []
+            plans.append(head + [(batch, steps) for batch in batches])
+        ids_of = self.images.image_ids()
+        self._plans = [[([ids_of[i] for i in batch], n) for batch, n in plan] for plan in plans]
+        self._consumed = consumed
+        sampler = RepeatedBatches(plans[self._rank()], consumed=consumed)
         return DataLoader(self.images, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers)
 
 

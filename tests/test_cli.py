@@ -119,3 +119,10 @@ def test_a_killed_run_resumes_mid_image_to_the_same_prompts(tiny_model, image_fo
     assert [r["image_id"] for r in rows] == sorted(expected)  # each image once, in order
     assert {r["image_id"]: r["token_ids"] for r in rows} == expected
     assert all("refinement" in r for r in rows)
+
+
+def test_no_progress_bar_with_the_default_callbacks(tiny_model, image_folder, tmp_path):
+    main(["invert", f"--model.model={tiny_model}", "--model.prompt_length=2", "--model.steps=1", "--model.max_iter=1",
+          "--model.refinement=null", f"--data.root={image_folder}", "--data.limit=1", "--trainer.enable_progress_bar=false",
+          f"--trainer.default_root_dir={tmp_path}"])
+    assert len(read_jsonl(tmp_path / "prompts.jsonl")) == 1

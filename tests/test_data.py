@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ph2p_lit.data import ImageDataModule, RepeatedBatches
+from ph2p_lit.data import ImageDataModule, RepeatedBatches, in_flight, rank_batches
 from ph2p_lit.errors import InputError
 
 
@@ -67,8 +67,26 @@ def test_file_list_and_hf_imagefolder(tmp_path, image_folder):
 
 
 def test_each_batch_repeats_once_per_step():
-    batches = list(RepeatedBatches([0, 1, 2], batch_size=2, repeats=3))
-    assert batches == [[0, 1]] * 3 + [[2]] * 3
+    sampler = RepeatedBatches([(batch, 3) for batch in rank_batches([0, 1, 2], 2, world=1, rank=0)])
+    assert list(sampler) == [[0, 1]] * 3 + [[2]] * 3
+    assert sampler.images_at(0) == (1, 2) and sampler.images_at(4) == (3, 3) and sampler.n_images() == 3
+
+
+def test_every_rank_gets_as_many_batches_and_each_item_once():
+    items = list(range(7))
+    shards = [rank_batches(items, 2, world=3, rank=r) for r in range(3)]
+    assert [len(s) for s in shards] == [2, 2, 2]  # lockstep: 3 + 2 + 2 items in 2 batches each
+    assert sorted({i for s in shards for b in s for i in b}) == items
+    assert rank_batches([5], 1, world=2, rank=1) == [[5]]  # a rank without items repeats the last one
+
+
+def test_the_batch_a_checkpoint_stopped_inside_is_found_by_position():
+    plan = [(["a"], 2), (["b", "c"], 4), (["d"], 4)]
+    assert in_flight(plan, 0) == ([], 0)
+    assert in_flight(plan, 1) == (["a"], 1)
+    assert in_flight(plan, 2) == ([], 0)  # between batches: nothing to continue
+    assert in_flight(plan, 5) == (["b", "c"], 3)
+    assert in_flight(plan, 10) == ([], 0)
 
 
 def test_a_restarted_run_skips_images_it_already_inverted(tiny_model, image_folder, tmp_path):

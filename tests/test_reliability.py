@@ -277,3 +277,40 @@ def test_a_checkpoint_of_another_prompt_length_is_one_line(tiny_model, tmp_path)
         main(["invert", "--model.prompt_length=3", f"--trainer.default_root_dir={tmp_path / 'b'}", f"--ckpt_path={last}",
               *common])
     assert "cannot resume from it" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_resuming_from_last_after_images_were_added_inverts_each_image_once(tiny_model, tmp_path):
+    """--ckpt_path=last after a kill continues the image it stopped in, even though an image was
+    added before it in the folder's order; after a finished run it inverts an image added since."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = _folder(tmp_path, n=3)  # img0, img1, img2
+    common = [sys.executable, "-m", "ph2p_lit.cli", "invert", f"--model.model={tiny_model}", "--model.prompt_length=2",
+              "--model.steps=4", "--model.max_iter=1", "--model.lr=20", "--model.refinement=null",
+              f"--data.root={root}"]
+    checkpoints = ["--trainer.enable_checkpointing=true", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                   "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+
+    def run(name, *extra):
+        done = subprocess.run([*common, f"--trainer.default_root_dir={tmp_path / name}", *checkpoints, *extra],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode in (0, -9), done.stderr[-3000:]
+        return {r["image_id"]: r for r in read_jsonl(tmp_path / name / "prompts.jsonl")}
+
+    killed = run("run", "--trainer.callbacks+=kill_callback.KillAtStep", "--trainer.callbacks.step=6")
+    assert list(killed) == ["img0.png"]  # killed at step 2 of 4 of img1
+    Image.fromarray(np.full((16, 16, 3), 90, dtype=np.uint8)).save(root / "img0b.png")  # sorts before img1
+    resumed = run("run", "--ckpt_path=last")
+    whole = run("whole")  # all four images, uninterrupted
+    assert sorted(resumed) == sorted(whole) and all(r["steps"] == 4 for r in resumed.values())
+    assert {k: r["token_ids"] for k, r in resumed.items()} == {k: r["token_ids"] for k, r in whole.items()}
+    assert len(read_jsonl(tmp_path / "run" / "prompts.jsonl")) == 4  # each image once
+
+    Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8)).save(root / "img3.png")
+    after_finish = run("run", "--ckpt_path=last")
+    assert sorted(after_finish) == sorted([*whole, "img3.png"])
+    assert len(read_jsonl(tmp_path / "run" / "prompts.jsonl")) == 5
