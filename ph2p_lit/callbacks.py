@@ -127,6 +127,7 @@ class ResultsWriter(L.Callback):
             for failure in failures:  # a resumed run finds the same bad files again: list each once
                 if (failure["image_id"], failure["error"]) not in listed:
                     append_line(path, failure)
+                    listed.add((failure["image_id"], failure["error"]))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not outputs or not outputs["finished"]:

@@ -4,7 +4,11 @@
 Usage: ph2p invert --config configs/demo.yaml [--model.* ...] [--data.* ...] [--trainer.* ...]
 """
 
+import argparse
+import difflib
+import inspect
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +31,8 @@ COMMANDS = {
     "train-caption-lm": "train the demo world's caption language model (the demo's language prior)",
 }
 
+IMAGE_SOURCES = ("root", "files", "dataset", "prompts", "prompt")  # data.* keys that say which images
+
 DEFAULT_CALLBACKS = [
     {"class_path": "ph2p_lit.callbacks.ResultsWriter"},
     {"class_path": "ph2p_lit.callbacks.PromptLogger"},
@@ -35,7 +41,37 @@ DEFAULT_CALLBACKS = [
 ]
 
 
-class InversionCLI(LightningCLI):
+def argument_error(command: str, e: argparse.ArgumentError, options: list[str]) -> InputError:
+    """A parser's error as one line: what was wrong, the nearest option to a mistyped one, where
+    the options are listed (not sixty lines of usage first)."""
+    text = " ".join(str(e).split())  # jsonargparse puts the reason on the lines after the key
+    text = text if len(text) <= 300 else text[:300] + " ..."
+    typed = re.search(r"unrecognized arguments: (--[^\s=]+)", text)
+    near = difflib.get_close_matches(typed.group(1), options, n=1) if typed else []
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return InputError(f"{text}{hint}; `ph2p {command} --help` lists the options")
+
+
+class ParsingCLI(LightningCLI):
+    """LightningCLI whose parse errors are one line (see argument_error)."""
+
+    command = "invert"
+
+    def parse_arguments(self, parser, args) -> None:
+        # `args` always comes from `main`, so Lightning's warning about sys.argv beside it is noise.
+        # A source of images named on the command line replaces the config's: `--config
+        # configs/demo.yaml --data.files list.txt` means these files, not the demo folder too.
+        named = {a[len("--data."):].split("=")[0] for a in args if a.startswith("--data.")} & set(IMAGE_SOURCES)
+        if named:
+            args = args + [f"--data.{key}=null" for key in IMAGE_SOURCES
+                           if key not in named and f"--data.{key}" in parser._option_string_actions]
+        try:
+            self.config = parser.parse_args(args)
+        except argparse.ArgumentError as e:
+            raise argument_error(self.command, e, list(parser._option_string_actions)) from None
+
+
+class InversionCLI(ParsingCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from")
         # One source of truth for values the model and the data both need.
@@ -64,7 +100,9 @@ class InversionCLI(LightningCLI):
             trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("ProgressBar")]
 
 
-class ReconstructionCLI(LightningCLI):
+class ReconstructionCLI(ParsingCLI):
+    command = "reconstruct"
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model", "data.model")
         parser.link_arguments("model.local_files_only", "data.local_files_only")
@@ -79,17 +117,23 @@ class ReconstructionCLI(LightningCLI):
         )
 
 
+def one_line(text: str) -> str:
+    """A file name or caption with its line breaks and tabs shown as escapes, so it keeps to its row."""
+    return str(text).translate({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
 def print_table(run_dir: Path) -> None:
     """Image, true caption and recovered prompt of every finished image."""
     path = run_dir / "prompts.jsonl"
     if not path.is_file():
         return
-    rows = sorted(read_jsonl(path), key=lambda r: r["image_id"])
+    rows = [{k: one_line(r.get(k, "")) for k in ("image_id", "caption", "prompt")}
+            for r in sorted(read_jsonl(path), key=lambda r: r["image_id"])]
     width = max([len(r["image_id"]) for r in rows] + [5])
-    cap = min(max([len(r.get("caption", "")) for r in rows] + [7]), 60)
+    cap = min(max([len(r["caption"]) for r in rows] + [7]), 60)
     print(f"\n{'image':<{width}}  {'caption':<{cap}}  prompt")
     for r in rows:
-        print(f"{r['image_id']:<{width}}  {r.get('caption', '')[:cap]:<{cap}}  {r['prompt']}")
+        print(f"{r['image_id']:<{width}}  {r['caption'][:cap]:<{cap}}  {r['prompt']}")
     print(f"\n{len(rows)} prompts in {path}")
 
 
@@ -101,6 +145,7 @@ def invert(args: list[str]) -> None:
         run=False,
         save_config_kwargs={"overwrite": True},
         subclass_mode_model=False,
+        parser_kwargs={"prog": "ph2p invert", "exit_on_error": False},
     )
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path not in (None, "last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
@@ -135,36 +180,46 @@ def reconstruct(args: list[str]) -> None:
     from .reconstruction import Reconstruction
 
     cli = ReconstructionCLI(Reconstruction, PromptedImages, args=args, run=False,
-                            save_config_kwargs={"overwrite": True}, subclass_mode_model=False)
+                            save_config_kwargs={"overwrite": True}, subclass_mode_model=False,
+                            parser_kwargs={"prog": "ph2p reconstruct", "exit_on_error": False})
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+
+
+def call(command: str, function, args: list[str]) -> None:
+    """Run a function command through jsonargparse, its parse errors as one line."""
+    try:
+        CLI(function, args=args, prog=f"ph2p {command}", exit_on_error=False)
+    except argparse.ArgumentError as e:
+        options = [f"--{name}" for name in inspect.signature(function).parameters] + ["--config"]
+        raise argument_error(command, e, options) from None
 
 
 def generate(args: list[str]) -> None:
     from .generate import generate_grids
 
-    CLI(generate_grids, args=args)
+    call("generate", generate_grids, args)
 
 
 def evaluate(args: list[str]) -> None:
     from .evaluation import evaluate as run
 
-    CLI(run, args=args)
+    call("evaluate", run, args)
 
 
 def compose(args: list[str]) -> None:
     from .compose import compose as run
 
-    CLI(run, args=args)
+    call("compose", run, args)
 
 
 def train_demo(args: list[str]) -> None:
     from .demo.train import train_demo as run
 
-    CLI(run, args=args)
+    call("train-demo", run, args)
 
 
 def train_caption_lm(args: list[str]) -> None:
-    CLI(_train_caption_lm, args=args)
+    call("train-caption-lm", _train_caption_lm, args)
 
 
 def main(argv: list[str] | None = None) -> None:

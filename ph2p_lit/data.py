@@ -6,6 +6,7 @@ stable slice of the images; each batch is repeated `steps` times, one optimiser 
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -72,6 +73,38 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.decode("latin-1")
+
+
+def find_images(root: Path) -> tuple[list[Path], list[dict]]:
+    """Image files under `root`, recursively and sorted, following links to folders once each.
+
+    What cannot be searched (an unreadable folder, a link back to a folder already searched, a
+    link to a missing file) is returned as a failure to report, not dropped without a word.
+    """
+    paths, failures, seen = [], [], {os.path.realpath(root)}
+
+    def fail(path: str, error: str) -> None:
+        failures.append({"image_id": Path(path).relative_to(root).as_posix(), "source": path, "error": error})
+
+    def unreadable(e: OSError) -> None:
+        fail(e.filename, f"{type(e).__name__}: cannot list this folder ({e.strerror})")
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+        for name in list(dirs):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in seen:  # a loop, or a second way to a folder: search it once
+                dirs.remove(name)
+                fail(os.path.join(folder, name), f"link to {real}, a folder already searched; not followed")
+            seen.add(real)
+        for name in files:
+            path = Path(folder, name)
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if path.is_file():
+                paths.append(path)
+            else:
+                fail(str(path), f"link to {os.path.realpath(path)}, which does not exist")
+    return sorted(paths), failures
 
 
 class ImageFiles(Dataset):
@@ -262,7 +295,8 @@ class ImageDataModule(L.LightningDataModule):
             root = Path(hp.root)
             if not root.is_dir():
                 raise InputError(f"data.root={hp.root}: no such folder")
-            paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            paths, failures = find_images(root)
+            self.failures += failures
             captions = read_captions(root)
         else:
             files = hp.files
@@ -316,6 +350,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
+        self.failures = []  # found again by each setup
         resolution = self._resolution()
         if hp.dataset is not None:
             import datasets

@@ -56,7 +56,21 @@ def test_print_config_round_trip_and_results_per_image(tiny_model, image_folder,
 def test_mistyped_key_is_reported_without_traceback(tiny_model, image_folder):
     result = _run(["invert", f"--model.model={tiny_model}", f"--data.root={image_folder}", "--model.promt_length=3"])
     assert result.returncode != 0
-    assert "promt_length" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "ph2p invert: error: unrecognized arguments: --model.promt_length=3 (did you mean --model.prompt_length?); "
+        "`ph2p invert --help` lists the options"]  # one line, not sixty lines of usage first
+
+
+@pytest.mark.parametrize("args, named", [
+    (["invert", "--model.steps=abc"], 'Parser key "model.steps": Expected a'),
+    (["generate", "--seedz", "3"], "--seedz 3 (did you mean --seed?)"),
+    (["reconstruct", "--model.edt=a"], "--model.edt=a (did you mean --model.edit?)"),
+])
+def test_parse_errors_are_one_line_with_the_nearest_option(args, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert named in str(e.value.code) and "\n" not in str(e.value.code)
+    assert f"`ph2p {args[0]} --help`" in str(e.value.code) and "usage:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, named", [

@@ -314,3 +314,55 @@ def test_resuming_from_last_after_images_were_added_inverts_each_image_once(tiny
     after_finish = run("run", "--ckpt_path=last")
     assert sorted(after_finish) == sorted([*whole, "img3.png"])
     assert len(read_jsonl(tmp_path / "run" / "prompts.jsonl")) == 5
+
+
+def test_links_that_loop_or_lead_nowhere_and_unreadable_folders_are_listed(tiny_model, tmp_path, monkeypatch):
+    import os
+
+    root = _folder(tmp_path, n=1)
+    (root / "sub").mkdir()
+    (root / "locked").mkdir()
+    Image.new("RGB", (16, 16)).save(root / "sub" / "b.png")
+    (root / "sub" / "loop").symlink_to(root)
+    (root / "gone.png").symlink_to(tmp_path / "deleted.png")
+    scandir = os.scandir
+
+    def refuse_locked(path="."):
+        if str(path).endswith("locked"):  # chmod 000 does not stop root, so refuse as the OS would
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    _invert(tiny_model, root, tmp_path / "run")
+    assert sorted(r["image_id"] for r in read_jsonl(tmp_path / "run" / "prompts.jsonl")) == ["img0.png", "sub/b.png"]
+    failures = {f["image_id"]: f["error"] for f in read_jsonl(tmp_path / "run" / "failures.jsonl")}
+    assert set(failures) == {"sub/loop", "gone.png", "locked"}
+    assert "already searched" in failures["sub/loop"] and "does not exist" in failures["gone.png"]
+    assert "Permission denied" in failures["locked"]
+
+
+def test_a_file_name_with_a_newline_keeps_to_its_row_of_the_table(tmp_path, capsys):
+    from ph2p_lit.cli import print_table
+
+    append_line(tmp_path / "prompts.jsonl", {"image_id": "two\nlines.png", "caption": "a\tb", "prompt": "a red star"})
+    append_line(tmp_path / "prompts.jsonl", {"image_id": "plain.png", "caption": "c", "prompt": "a blue moon"})
+    print_table(tmp_path)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(table) == 4  # header, two rows, the count
+    assert table[2].startswith("two\\nlines.png") and table[2].endswith("a red star") and "a\\tb" in table[2]
+
+
+def test_an_image_source_on_the_command_line_replaces_the_configs(tmp_path, capsys):
+    from ph2p_lit.cli import main
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("ph2p_lit/demo/images/render_1000_00000.png\n")
+    with pytest.raises(SystemExit):
+        main(["invert", "--config", "configs/demo.yaml", f"--data.files={listing}", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "  root: null" in printed and f"  files: {listing}" in printed
+    with pytest.raises(SystemExit):
+        main(["reconstruct", "--config", "configs/reconstruct.yaml", "--data.prompt=a red star",
+              "--data.root=ph2p_lit/demo/images", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "  prompts: null" in printed and "  prompt: a red star" in printed
