@@ -60,7 +60,7 @@ def evaluation(backbone: Backbone, prompt: torch.Tensor, latents: torch.Tensor, 
 def measure(backbone: Backbone, batch: int, repeats: int) -> tuple[float, float]:
     """Seconds per evaluation (median of `repeats` after 2 warm-ups) and peak memory in GiB."""
     device = backbone.device
-    D = backbone.token_embedding.embedding_dim
+    D = backbone.token_table.shape[1]
     prompt = torch.randn(batch, backbone.max_length, D, device=device, requires_grad=True)
     latents = torch.randn(batch, *backbone.latent_shape, device=device)
     noise = torch.randn_like(latents)

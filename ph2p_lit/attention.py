@@ -96,7 +96,7 @@ def token_attention(
         for t in torch.linspace(t_min, t_max - 1, n_timesteps).round().long():
             noise = torch.randn(latents.shape, generator=g).to(latents)
             ts = t.repeat(latents.shape[0]).to(backbone.device)
-            backbone.unet(backbone.add_noise(latents, noise, ts).to(backbone.dtype), ts, hidden.to(backbone.dtype))
+            backbone.predict(backbone.add_noise(latents, noise, ts), ts, hidden)
             total = total + _on_grid(recorder.maps, size)
             recorder.maps.clear()
     maps = total / n_timesteps

@@ -55,9 +55,9 @@ def denoise(
     for t in scheduler.timesteps[steps - strength_steps(steps, strength):]:
         x = latents.to(backbone.dtype)
         if single:
-            pred = backbone.unet(x, t, cond.to(backbone.dtype)).sample.float()
+            pred = backbone.predict(x, t, cond).float()
         else:
-            both = backbone.unet(torch.cat([x, x]), t, torch.cat([negative, cond]).to(backbone.dtype)).sample
+            both = backbone.predict(torch.cat([x, x]), t, torch.cat([negative, cond]))
             pred_neg, pred_cond = both.float().chunk(2)
             pred = pred_neg + guidance * (pred_cond - pred_neg)
         latents = scheduler.step(pred, t, latents.float()).prev_sample
@@ -73,12 +73,14 @@ def generate(
     seed: int = 0,
     negative_prompt: str = "",
     shared_noise: bool = False,
+    resolution: int | None = None,
 ) -> torch.Tensor:
     """One image per prompt, in [-1, 1]: (B, 3, H, W). Seeded per call, so reproducible.
     shared_noise: every prompt starts from the same noise, so an image does not depend on the
-    others in the batch (for comparing prompts)."""
+    others in the batch (for comparing prompts). resolution: pixels per side (the model's by default)."""
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn((1 if shared_noise else len(prompts), *backbone.latent_shape), generator=g)
+    shape = backbone.latent_shape_at(resolution or backbone.resolution)
+    latents = torch.randn((1 if shared_noise else len(prompts), *shape), generator=g)
     latents = latents.expand(len(prompts), -1, -1, -1).to(backbone.device)
     cond = backbone.encode_text(prompts)
     negative = backbone.encode_text([negative_prompt] * len(prompts))
@@ -124,6 +126,8 @@ def generate_grids(
     negative_prompt: str = "",
     device: str = "auto",
     dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+    resolution: int | None = None,
+    offload: bool = False,
     local_files_only: bool = False,
 ) -> None:
     """Diverse images from each prompt: one grid PNG per prompt (the target image first when the
@@ -134,13 +138,16 @@ def generate_grids(
         out: output folder; a prompt whose grid exists already is skipped (re-running resumes).
         images_per_prompt: images (seeds) per prompt; image k of a prompt is reproducible from `seed`.
         device: "auto" takes the GPU when there is one.
+        resolution: pixels per side; None: the model's (its VAE config's sample_size).
+        offload: keep the VAE and text encoders on the CPU except while they run.
     """
     if not prompts:
         raise InputError("prompts: give an invert run's prompts.jsonl or prompt texts (--prompts ...)")
     rows = read_prompts(prompts)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    backbone = Backbone.from_pretrained(model, dtype=dtypes[dtype], device=device, local_files_only=local_files_only)
+    backbone = Backbone.from_pretrained(model, dtype=dtypes[dtype], device=device, local_files_only=local_files_only,
+                                        offload=offload)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for row in rows:
@@ -148,7 +155,8 @@ def generate_grids(
         path = out_dir / f"{stem}.png"
         if path.is_file():
             continue
-        images = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed, negative_prompt)
+        images = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed, negative_prompt,
+                          resolution=resolution)
         tiles = [Image.fromarray(a) for a in to_uint8(images)]
         if row.get("source") and Path(row["source"]).is_file():
             with Image.open(row["source"]) as target:

@@ -14,6 +14,7 @@ import torch
 from .backbone import Backbone
 from .errors import InputError
 from .language_prior import LanguagePrior
+from .memory import peak_mb, reset_peak
 from .optim import BatchedLBFGS, PH2PStep
 from .refine import PromptSearch, Refinement
 from .sampler import TimestepSampler, _generator
@@ -63,6 +64,10 @@ class PromptInversion(L.LightningModule):
         batch_size: images inverted together in one U-Net batch (set from data.batch_size).
         seed: seeds the sampler and random initialisation, per image id.
         dtype: dtype of the frozen model; the soft prompt stays float32 (L-BFGS needs it).
+        gradient_checkpointing: recompute the U-Net's activations in the backward pass to the
+            prompt instead of keeping them (less memory for about one more forward per evaluation).
+        offload: keep the VAE and text encoders on the CPU except while they run (less device
+            memory; the text encoders then travel to the device at every evaluation).
         local_files_only: never reach the hub when loading `model`.
     """
 
@@ -99,6 +104,8 @@ class PromptInversion(L.LightningModule):
         batch_size: int = 1,
         seed: int = 0,
         dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        gradient_checkpointing: bool = False,
+        offload: bool = False,
         local_files_only: bool = False,
     ):
         super().__init__()
@@ -125,7 +132,8 @@ class PromptInversion(L.LightningModule):
             return
         hp = self.hparams
         self.backbone = Backbone.from_pretrained(
-            hp.model, dtype=_DTYPES[hp.dtype], device=self.device, local_files_only=hp.local_files_only
+            hp.model, dtype=_DTYPES[hp.dtype], device=self.device, local_files_only=hp.local_files_only,
+            offload=hp.get("offload", False), gradient_checkpointing=hp.get("gradient_checkpointing", False),
         )
         max_free = self.backbone.max_length - 2
         if not 1 <= hp.prompt_length <= max_free:
@@ -139,10 +147,10 @@ class PromptInversion(L.LightningModule):
             raise InputError(f"model.t_max={t_max} exceeds the scheduler's {T} training timesteps")
         self.sampler = TimestepSampler(t_min, t_max, hp.draws, hp.seed, hp.eval_draws)
         self.vocab = Vocabulary(
-            self.backbone.tokenizer, self.backbone.token_embedding.weight, hp.ascii_only, hp.whole_words,
+            self.backbone.tokenizer, self.backbone.token_table, hp.ascii_only, hp.whole_words,
             hp.english_words, hp.allow, hp.deny, hp.metric,
         ).to(self.device)
-        D = self.backbone.token_embedding.embedding_dim
+        D = self.backbone.token_table.shape[1]
         self.soft_prompt = torch.nn.Parameter(torch.zeros(hp.batch_size, hp.prompt_length, D))  # (B, L, D)
         self.unet_evals = torch.zeros(hp.batch_size, dtype=torch.long)  # U-Net samples per image slot
         self._frame = self._prompt_frame()
@@ -151,17 +159,13 @@ class PromptInversion(L.LightningModule):
 
     def _prompt_frame(self) -> dict:
         """Embeddings around the free positions: [BOS] e_1..e_L [EOS] [pad ...]."""
-        tok, table = self.backbone.tokenizer, self.backbone.token_embedding.weight.detach().float()
-        n_after = self.backbone.max_length - 1 - self.hparams.prompt_length
-        after = [tok.eos_token_id] + [tok.pad_token_id] * (n_after - 1)
-        return {"bos": table[tok.bos_token_id][None, None], "after": table[after][None]}
+        frame = self.backbone.prompt_embeds([[0] * self.hparams.prompt_length])  # placeholder tokens, cut out
+        return {"bos": frame[:, :1], "after": frame[:, 1 + self.hparams.prompt_length :]}
 
     def hard_prompt_embeds(self, rows: list[list[int]]) -> torch.Tensor:
-        """Token-id prompts of any length up to prompt_length -> text-encoder input (N, S, D):
+        """Token-id prompts of any length up to the text encoder's -> text-encoder input (N, S, D):
         [BOS] tokens [EOS] [pad ...], EOS right after the last token (as the tokenizer writes it)."""
-        tok, S = self.backbone.tokenizer, self.backbone.max_length
-        ids = [[tok.bos_token_id, *row, tok.eos_token_id] + [tok.pad_token_id] * (S - 2 - len(row)) for row in rows]
-        return self.token_embeds(torch.tensor(ids, device=self.device))
+        return self.backbone.prompt_embeds(rows).to(self.device)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -231,7 +235,7 @@ class PromptInversion(L.LightningModule):
         return self.vocab.project_no_repeat(soft) if self.hparams.no_repeat else self.vocab.project(soft)
 
     def token_embeds(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.backbone.token_embedding.weight[ids].detach().float()
+        return self.backbone.token_table[ids]
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor) -> torch.Tensor:
@@ -240,7 +244,7 @@ class PromptInversion(L.LightningModule):
         return self.objective(self.full_prompt(self.token_embeds(ids)), t, noise)
 
     def _draws(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = self.backbone.latent_shape
+        shape = self._latents.shape[1:]  # the images' latents: any resolution
         t, noise = zip(*(self.sampler.next(i, shape) for i in self.image_ids))
         return torch.stack(t).to(self.device), torch.stack(noise).to(self.device)
 
@@ -251,11 +255,12 @@ class PromptInversion(L.LightningModule):
         b = len(self.image_ids)
         self.step_in_batch, self.stopped_early = 0, False
         self.started = time.perf_counter()
+        reset_peak(self.device)
         self.unet_evals.zero_()
         self._latents = self.backbone.encode_images(batch["pixels"]).float()  # (b, C, h, w)
         negatives = batch.get("negative_pixels")
         self._negative_latents = None if negatives is None else self.backbone.encode_images(negatives).float()
-        shape = self.backbone.latent_shape
+        shape = self._latents.shape[1:]  # the images' latents: any resolution
         t, noise = zip(*(self.sampler.fixed(i, shape) for i in self.image_ids))
         self._fixed = (torch.stack(t).to(self.device), torch.stack(noise).to(self.device))
         self.best = {"ids": [None] * b, "loss": [float("inf")] * b, "step": [0] * b, "stale": [0] * b}
@@ -352,6 +357,8 @@ class PromptInversion(L.LightningModule):
         best = [list(row) for row in self.best["ids"]]
         refined = self.refine(best) if self.refinement is not None else None
         seconds = (time.perf_counter() - self.started) / len(self.image_ids)
+        peak = peak_mb(self.device)  # of the whole batch: the images share one U-Net batch
+        peak = None if peak is None else round(peak, 1)
         records = []
         for j, image_id in enumerate(self.image_ids):
             ids = best[j] if refined is None else refined[j]["token_ids"]
@@ -367,6 +374,7 @@ class PromptInversion(L.LightningModule):
                 "steps": self.step_in_batch,
                 "unet_evals": int(self.unet_evals[j]),
                 "seconds": round(seconds, 3),
+                "peak_memory_mb": peak,
                 **({"refinement": refined[j]} if refined is not None else {}),
             })  # fmt: skip
         return records
@@ -406,7 +414,7 @@ class PromptInversion(L.LightningModule):
     def _draw_set(self, name: str, n: int, window: tuple[int, int] | None, spread: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """A per-image set of n (t, noise) pairs: t (b, n), noise (b, n, C, h, w)."""
         lo, hi = window or (self.sampler.t_min, self.sampler.t_max)
-        shape = self.backbone.latent_shape
+        shape = self._latents.shape[1:]  # the images' latents: any resolution
         t, noise = zip(*(self.sampler.draw_set((name, i), n, lo, hi, shape, spread) for i in self.image_ids))
         return torch.stack(t).to(self.device), torch.stack(noise).to(self.device)
 

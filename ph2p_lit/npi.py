@@ -30,7 +30,7 @@ def ddim_invert(
     scheduler.set_timesteps(steps, device=backbone.device)
     x = latents.float()
     for t in scheduler.timesteps[: strength_steps(steps, strength)]:
-        pred = backbone.unet(x.to(backbone.dtype), t, cond.to(backbone.dtype)).sample
+        pred = backbone.predict(x, t, cond)
         x = scheduler.step(pred.float(), t, x).prev_sample
     return x
 

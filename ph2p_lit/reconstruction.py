@@ -78,7 +78,7 @@ class Reconstruction(L.LightningModule):
         lpips_net, lpips_backbone: LPIPS network and its backbone weights ("random" offline).
         latent_cache: folder keeping DDIM-inverted latents for repeated edits (None: the run
             folder's inverted/).
-        dtype, local_files_only: as for `ph2p invert`.
+        dtype, offload, local_files_only: as for `ph2p invert`.
     """
 
     def __init__(
@@ -97,6 +97,7 @@ class Reconstruction(L.LightningModule):
         lpips_backbone: Literal["pretrained", "random"] = "pretrained",
         latent_cache: str | None = None,
         dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+        offload: bool = False,
         local_files_only: bool = False,
     ):
         super().__init__()
@@ -114,7 +115,7 @@ class Reconstruction(L.LightningModule):
             self.lpips = load_lpips(hp.lpips_net, hp.lpips_backbone).to(self.device)
             self.lpips_name = hp.lpips_net + ("" if hp.lpips_backbone == "pretrained" else ", random backbone")
             self.backbone = Backbone.from_pretrained(hp.model, dtype=_DTYPES[hp.dtype], device=self.device,
-                                                     local_files_only=hp.local_files_only)
+                                                     local_files_only=hp.local_files_only, offload=hp.get("offload", False))
 
     # ---------------------------------------------------------------- inverted latents, cached
     def _cache_path(self, image_id: str, prompt: str) -> Path:

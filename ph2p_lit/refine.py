@@ -125,8 +125,8 @@ class PromptSearch:
         return self._score(rows, owners, self.screen), self._score(rows, owners, self.rest)
 
     def _score(self, rows: list[list[int]], owners: list[int], draws: torch.Tensor) -> torch.Tensor:
-        if not rows:
-            return torch.zeros(0)
+        if not rows or not len(draws):  # no draws (the screening took them all): no U-Net call, weight 0
+            return torch.zeros(len(rows))
         return self.objective(rows, owners, draws).detach().float().cpu()
 
     # ---- candidates ----------------------------------------------------------------------

@@ -13,13 +13,13 @@ def backbone(tiny_model):
 def test_embedding_path_equals_input_ids_path(backbone):
     ids = backbone.tokenize(["a red star on a white background", "two dogs", ""])
     via_ids = backbone.text_encoder(ids).last_hidden_state
-    via_embeddings = backbone.encode_embeddings(backbone.token_embedding(ids))
+    via_embeddings = backbone.encode_embeddings(backbone.token_table[ids])
     assert torch.equal(via_ids, via_embeddings)
 
 
 def test_embedding_path_is_causal(backbone):
     ids = backbone.tokenize(["a red star"])
-    embeds = backbone.token_embedding(ids)
+    embeds = backbone.token_table[ids]
     changed = embeds.clone()
     changed[0, 5] += 1.0  # a later position must not change earlier outputs
     a, b = backbone.encode_embeddings(embeds), backbone.encode_embeddings(changed)
@@ -47,3 +47,18 @@ def test_v_prediction_target_read_from_scheduler(backbone):
 def test_missing_model_folder_says_what_is_expected(tmp_path):
     with pytest.raises(InputError, match="no diffusers pipeline folder"):
         Backbone.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_gradient_checkpointing_gives_the_same_gradient_to_the_prompt(tiny_model):
+    """The memory tier recomputes the U-Net's activations in the backward pass: same gradient."""
+    grads = []
+    for checkpointing in (False, True):
+        backbone = Backbone.from_pretrained(tiny_model, local_files_only=True, gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)
+        embeds = backbone.token_table[backbone.tokenize(["a red star", "two dogs"])].clone().requires_grad_(True)
+        latents = torch.randn(2, *backbone.latent_shape)
+        loss = backbone.diffusion_loss(latents, torch.randn_like(latents), torch.tensor([300, 700]),
+                                       backbone.encode_embeddings(embeds))
+        grads.append(torch.autograd.grad(loss.sum(), embeds)[0])
+    assert backbone.unet.is_gradient_checkpointing
+    torch.testing.assert_close(grads[0], grads[1])

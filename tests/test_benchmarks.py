@@ -14,7 +14,7 @@ import gpu  # noqa: E402
 
 def test_one_evaluation_gives_the_prompt_a_gradient():
     backbone = gpu.build("tiny", torch.float32, "cpu")
-    prompt = torch.zeros(2, backbone.max_length, backbone.token_embedding.embedding_dim, requires_grad=True)
+    prompt = torch.zeros(2, backbone.max_length, backbone.token_table.shape[1], requires_grad=True)
     latents = torch.randn(2, *backbone.latent_shape)
     gpu.evaluation(backbone, prompt, latents, torch.tensor([500, 800]), torch.randn_like(latents))
     assert prompt.grad is not None and prompt.grad[:, 1:].abs().sum(dim=(1, 2)).gt(0).all()

@@ -44,7 +44,7 @@ def test_print_config_round_trip_and_results_per_image(tiny_model, image_folder,
     from ph2p_lit.vocab import Vocabulary
 
     backbone = Backbone.from_pretrained(tiny_model)
-    allowed = set(Vocabulary(backbone.tokenizer, backbone.token_embedding.weight, english_words=True,
+    allowed = set(Vocabulary(backbone.tokenizer, backbone.token_table, english_words=True,
                              ascii_only=True).token_ids.tolist())
     for r in rows:
         assert r["prompt"].strip() and 1 <= len(r["token_ids"]) <= 3

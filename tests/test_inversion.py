@@ -32,7 +32,7 @@ def test_only_the_soft_prompt_is_a_parameter(tiny_model):
     module.setup("fit")
     assert [name for name, _ in module.named_parameters()] == ["soft_prompt"]
     assert list(module.state_dict()) == ["soft_prompt"]
-    assert module.soft_prompt.shape == (2, 4, module.backbone.token_embedding.embedding_dim)
+    assert module.soft_prompt.shape == (2, 4, module.backbone.token_table.shape[1])
 
 
 def test_prompt_length_is_checked_against_the_tokenizer(tiny_model):
