@@ -35,6 +35,11 @@ SIZES = {
 }
 
 
+# SD 1.5's U-Net forward at 64x64 latents is ~0.80 TFLOP; forward and backward to the text
+# embeddings (activation gradients only, no weight gradients) ~1.67 TFLOP per sample.
+FLOPS_PER_EVALUATION = {"sd15": 1.67e12}
+
+
 def build(size: str, dtype: torch.dtype, device: str) -> Backbone:
     spec = SIZES[size]
     tokenizer = CLIPTokenizer.from_pretrained(DEMO_MODEL, subfolder="tokenizer", model_max_length=spec["max_length"])
@@ -92,14 +97,19 @@ def main() -> None:
     p.add_argument("--max-iter", type=int, default=20)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget", type=int, default=1300,
+                   help="U-Net evaluations per image at the demo-quality budget (docs/results.md: ~1,276)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the accelerator's dense peak (H100 SXM bf16: 989)")
     args = p.parse_args()
     diffusers_logging.set_verbosity_error()  # casting random weights to bf16 is intended here
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here; bf16 is its own row
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"model: {args.size}; step = {args.max_iter} evaluations; {args.steps} steps per image\n")
-    print("| dtype | batch | s / evaluation | s / step | images / hour | peak memory GiB |")
-    print("|---|---|---|---|---|---|")
+    print(f"model: {args.size}; the authors' recipe: {args.steps} steps x {args.max_iter} evaluations per image; "
+          f"demo-quality budget: {args.budget} evaluations per image\n")
+    print("| dtype | batch | s / evaluation | s / image, authors | images / hour, authors | s / image, budget "
+          "| peak memory GiB | % of peak |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.dtypes:
         backbone = build(args.size, getattr(torch, name), args.device)
         for batch in args.batches:
@@ -108,9 +118,12 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 print(f"| {name} | {batch} | out of memory | | | |")
                 break
-            step = seconds * args.max_iter
-            per_hour = 3600 * batch / (step * args.steps)
-            print(f"| {name} | {batch} | {seconds:.4f} | {step:.3f} | {per_hour:.1f} | {peak:.2f} |", flush=True)
+            per_image = seconds * args.max_iter * args.steps / batch  # one evaluation serves the whole batch
+            per_image_budget = seconds * args.budget / batch
+            flops = FLOPS_PER_EVALUATION.get(args.size)
+            share = f"{100 * flops * batch / seconds / (args.peak_tflops * 1e12):.1f}" if flops else "-"
+            print(f"| {name} | {batch} | {seconds:.4f} | {per_image:.1f} | {3600 / per_image:.1f} | "
+                  f"{per_image_budget:.1f} | {peak:.2f} | {share} |", flush=True)
         del backbone
 
 

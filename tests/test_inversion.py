@@ -300,3 +300,16 @@ def test_refinement_runs_on_the_model_within_its_budget_and_filters(tiny_model, 
         assert not denied & set(row["token_ids"]) and len(row["token_ids"]) <= 4
         assert refined["objective"] <= refined["start_objective"] + 0.5 * refined["loss"]
         assert row["unet_evals"] > refined["unet_evals"]
+
+
+def test_images_at_another_resolution_than_the_models_invert(tiny_model, image_folder, tmp_path):
+    """The noise follows the images' latents, not the VAE config's sample_size (a real model run
+    at a reduced resolution on a CPU, or a 768 px model given 512 px images)."""
+    from ph2p_lit.cli import main
+    from ph2p_lit.runfiles import read_jsonl
+
+    main(["invert", f"--model.model={tiny_model}", "--model.prompt_length=2", "--model.steps=2", "--model.max_iter=1",
+          "--model.refinement.draws=2", "--model.refinement.budget=20", f"--data.root={image_folder}", "--data.limit=1",
+          "--data.resolution=32", f"--trainer.default_root_dir={tmp_path}"])  # the tiny model's own is 16
+    (row,) = read_jsonl(tmp_path / "prompts.jsonl")
+    assert row["steps"] == 2 and row["prompt"]
