@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 from jsonargparse import CLI
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
+from .configs import with_packaged_configs
 from .runfiles import read_jsonl
 from .data import ImageDataModule
 from .demo.caption_lm import train_caption_lm as _train_caption_lm
@@ -61,6 +63,7 @@ class ParsingCLI(LightningCLI):
         # `args` always comes from `main`, so Lightning's warning about sys.argv beside it is noise.
         # A source of images named on the command line replaces the config's: `--config
         # configs/demo.yaml --data.files list.txt` means these files, not the demo folder too.
+        args = with_packaged_configs(args)
         named = {a[len("--data."):].split("=")[0] for a in args if a.startswith("--data.")} & set(IMAGE_SOURCES)
         if named:
             args = args + [f"--data.{key}=null" for key in IMAGE_SOURCES
@@ -135,6 +138,8 @@ def print_table(run_dir: Path) -> None:
     for r in rows:
         print(f"{r['image_id']:<{width}}  {r['caption'][:cap]:<{cap}}  {r['prompt']}")
     print(f"\n{len(rows)} prompts in {path}")
+    if (run_dir / "report.html").is_file():
+        print(f"report: {run_dir / 'report.html'} (images, prompts and images generated from them)")
 
 
 def invert(args: list[str]) -> None:
@@ -188,7 +193,7 @@ def reconstruct(args: list[str]) -> None:
 def call(command: str, function, args: list[str]) -> None:
     """Run a function command through jsonargparse, its parse errors as one line."""
     try:
-        CLI(function, args=args, prog=f"ph2p {command}", exit_on_error=False)
+        CLI(function, args=with_packaged_configs(args), prog=f"ph2p {command}", exit_on_error=False)
     except argparse.ArgumentError as e:
         options = [f"--{name}" for name in inspect.signature(function).parameters] + ["--config"]
         raise argument_error(command, e, options) from None
@@ -238,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
         commands[argv[0]](argv[1:])
     except InputError as e:
         raise SystemExit(f"ph2p {argv[0]}: error: {e}") from None
+    except MisconfigurationException as e:  # Lightning's word on the trainer settings, e.g. a GPU on a CPU-only machine
+        reason = " ".join(str(e).split())[:300]
+        raise SystemExit(f"ph2p {argv[0]}: error: trainer: {reason} (set --trainer.accelerator cpu, or fix the trainer.* key)") from None
 
 
 if __name__ == "__main__":

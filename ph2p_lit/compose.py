@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .backbone import Backbone
+from .configs import packaged_config
 from .runfiles import read_jsonl, write_text_atomic
 from .data import IMAGE_EXTENSIONS
 from .errors import InputError
@@ -52,7 +53,7 @@ def _data_uri(image: Image.Image, size: int = 128) -> str:
 def compose(
     concepts: list[str] | None = None,
     out: str = "runs/compose",
-    config: str = "configs/demo.yaml",
+    config: str = "demo",
     model: str | None = None,
     invert_overrides: list[str] | None = None,
     images_per_prompt: int = 4,
@@ -66,7 +67,8 @@ def compose(
     Args:
         concepts: two or more images or folders; a folder is a set whose best prompt (lowest
             loss) stands for it.
-        config: the `ph2p invert` config used for every inversion.
+        config: the `ph2p invert` config used for every inversion (a file, or the name of one
+            shipped with the package: demo, sd15, sd21, sdxl).
         model: the model that inverts and generates; None: the config's model.model.
         invert_overrides: extra `ph2p invert` options, e.g. ["--model.steps=100"].
         images_per_prompt: images generated from each joined prompt; the first is inverted next.
@@ -78,7 +80,7 @@ def compose(
     if model is None:
         import yaml
 
-        model = (yaml.safe_load(Path(config).read_text()) or {}).get("model", {}).get("model", "demo")
+        model = (yaml.safe_load(Path(packaged_config(config)).read_text()) or {}).get("model", {}).get("model", "demo")
     overrides.append(f"--model.model={model}")
     rows = _invert([p for s in sets for p in s], out_dir / "concepts", config, overrides)
     by_set, k = [], 0

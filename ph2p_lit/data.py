@@ -20,6 +20,7 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
+DEMO_IMAGES = Path(__file__).parent / "demo" / "images"  # data.root: demo
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_KEYS = ("text", "caption", "prompt")
 
@@ -135,19 +136,38 @@ class HFImages(Dataset):
     def __init__(self, dataset, image_column: str, caption_column: str | None, name: str, resolution: int):
         self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
         self.name, self.resolution = name, resolution
+        self.ids, self.sources = self._names()
+
+    def _names(self) -> tuple[list[str], list[str]]:
+        """Each image's file where the dataset keeps one (an imagefolder does): its name is the id
+        and its path the source, so the report, `reconstruct` and `generate` find the image.
+        Otherwise (images stored as bytes) the row number and `name[row]`."""
+        import datasets
+
+        rows = range(len(self.dataset))
+        try:
+            column = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))[self.image_column]
+            paths = [cell.get("path") if isinstance(cell, dict) else None for cell in column]
+        except (ValueError, TypeError):  # not an image feature
+            paths = [None] * len(self.dataset)
+        if all(p and Path(p).is_file() for p in paths):
+            names = [Path(p).name for p in paths]
+            ids = names if len(set(names)) == len(names) else [Path(p).as_posix() for p in paths]
+            return ids, [str(p) for p in paths]
+        return [f"{i:06d}" for i in rows], [f"{self.name}[{i}]" for i in rows]
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def image_ids(self) -> list[str]:
-        return [f"{i:06d}" for i in range(len(self.dataset))]
+        return self.ids
 
     def __getitem__(self, i: int) -> dict:
         row = self.dataset[i]
         caption = row.get(self.caption_column) if self.caption_column else None
         return {
-            "image_id": f"{i:06d}",
-            "source": f"{self.name}[{i}]",
+            "image_id": self.ids[i],
+            "source": self.sources[i],
             "caption": caption or "",
             "pixels": to_pixels(row[self.image_column], self.resolution),
         }
@@ -223,7 +243,8 @@ class ImageDataModule(L.LightningDataModule):
     """Target images for inversion.
 
     Args:
-        root: a folder of images (searched recursively, sorted; captions from metadata.jsonl).
+        root: a folder of images (searched recursively, sorted; captions from metadata.jsonl);
+            "demo": the 8 renders shipped with the package.
         files: a list of image paths, or one text file listing them.
         dataset: a Hugging Face dataset name or local path (for example an `imagefolder`).
         split, image_column, caption_column: which part and columns of `dataset`.
@@ -285,14 +306,19 @@ class ImageDataModule(L.LightningDataModule):
                 resolve_model(self.hparams.model), subfolder="vae", local_files_only=self.hparams.local_files_only
             )
         except OSError as e:
-            raise InputError(f"data.model={self.hparams.model!r}: cannot read its vae/config.json to find the "
-                             "resolution; set data.resolution or give a loadable model") from e
+            model = self.hparams.model
+            if Path(resolve_model(model)).is_dir():
+                raise InputError(f"data.model={model!r}: cannot read its vae/config.json to find the resolution; "
+                                 "set data.resolution or give a complete model folder") from None
+            raise InputError(f"model {model!r}: not in the local Hugging Face cache and the hub did not answer "
+                             f"({str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__}); "
+                             f"download it first (`hf download {model}`) or give a local folder") from None
         return int(config["sample_size"])
 
     def _file_items(self) -> list[dict]:
         hp = self.hparams
         if hp.root is not None:
-            root = Path(hp.root)
+            root = Path(DEMO_IMAGES if hp.root == "demo" else hp.root)
             if not root.is_dir():
                 raise InputError(f"data.root={hp.root}: no such folder")
             paths, failures = find_images(root)
@@ -306,6 +332,8 @@ class ImageDataModule(L.LightningDataModule):
                     raise InputError(f"data.files={files}: no such list file")
                 files = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
             paths, root, captions = [Path(f) for f in files], None, {}
+            for folder in {path.parent for path in paths}:  # each listed file's folder's metadata.jsonl
+                captions |= {(folder / name).as_posix(): text for name, text in read_captions(folder).items()}
         items = []
         for path in paths:
             rel = path.relative_to(root).as_posix() if root else path.as_posix()
@@ -380,27 +408,35 @@ class ImageDataModule(L.LightningDataModule):
             raise InputError(f"data: no readable images in {where}{why}")
 
     results_glob = "prompts*.jsonl"  # the files whose lines mark an image as done
+    done_means = "already have prompts in {dir}; inverting the other {todo} (a new trainer.default_root_dir starts afresh)"
 
-    def done_ids(self) -> set[str]:
-        """Images with a result in the run folder already (every rank's file)."""
-        if not (self.hparams.skip_done and self.trainer):
-            return set()
+    def done_keys(self) -> set[tuple[str, str | None]]:
+        """(image id, settings key) of every result in the run folder already (every rank's file)."""
         done = set()
         for path in Path(self.trainer.default_root_dir).glob(self.results_glob):
             rows = read_jsonl(path)
             if any(not isinstance(row, dict) or "image_id" not in row for row in rows):
                 raise InputError(f"{path}: a line without image_id; each line is one image's result: "
-                                 "delete that line (its image is then inverted again)")
-            done |= {row["image_id"] for row in rows}
+                                 "delete that line (its image is then done again)")
+            done |= {(row["image_id"], row.get("settings")) for row in rows}
         return done
+
+    def item_key(self, i: int) -> tuple[str, str | None]:
+        """What a result line must match to count image i as done: its id (an inversion's prompt
+        does not depend on settings a rerun would change; a new run folder is a new run)."""
+        return self.images.image_ids()[i], None
 
     def todo_indices(self, skip_done: bool = True) -> list[int]:
         """Indices of the images without a result in the run folder yet (all of them, if not skip_done)."""
-        done = self.done_ids() if skip_done else set()
-        todo = [i for i, image_id in enumerate(self.images.image_ids()) if image_id not in done]
-        if done:
-            log.info("%d of %d images already have prompts in the run folder; inverting the other %d",
-                     len(self.images) - len(todo), len(self.images), len(todo))
+        if not (skip_done and self.hparams.skip_done and self.trainer):
+            return list(range(len(self.images)))
+        done = self.done_keys()
+        todo = [i for i in range(len(self.images)) if self.item_key(i) not in done]
+        skipped = len(self.images) - len(todo)
+        if skipped and not getattr(self, "_said_skipped", False) and self._rank() == 0:
+            self._said_skipped = True  # said once per run, however often the list is asked for
+            print(f"{skipped} of {len(self.images)} images " + self.done_means.format(
+                dir=self.trainer.default_root_dir, todo=len(todo)))
         return todo
 
     def rank_indices(self, skip_done: bool = True) -> list[int]:
@@ -431,22 +467,15 @@ class ImageDataModule(L.LightningDataModule):
         steps, size, world = self.hparams.steps, self.hparams.batch_size, self._world()
         todo = self.todo_indices()
         consumed = self.resumed_batches()
-        saved = getattr(self, "_saved", None) if consumed else None
-        flying, repeats_left = [[] for _ in range(world)], 0
-        if saved and saved.get("plans") and len(saved["plans"]) == world:
-            ids = set(self.images.image_ids()[i] for i in todo)
-            for r, plan in enumerate(saved["plans"]):
-                batch, used = in_flight(plan, consumed - saved["consumed"])
-                # Only a batch still whole (every image present, none finished) can continue from
-                # the checkpoint's soft prompts; its images are not planned again below.
-                flying[r] = batch if batch and set(batch) <= ids else []
-                repeats_left = max(repeats_left, steps - used if batch else 0)
+        flying, repeats_left = self._in_flight_at_checkpoint(todo, consumed)
         index = {image_id: i for i, image_id in enumerate(self.images.image_ids())}
         flying_ids = {image_id for batch in flying for image_id in batch}
         rest = [i for i in todo if self.images.image_ids()[i] not in flying_ids]
         plans = []
-        for r in range(world):
+        for r in range(world):  # every rank's plan: each rank saves them all (rank 0's checkpoint is read by all)
             batches = rank_batches(rest, size, world, r) if rest else []
+            # A rank with nothing in flight spends the in-flight repeats on its first batch, so the
+            # ranks stay in lockstep; that batch then simply reaches its `steps` sooner.
             first = [index[i] for i in flying[r]] or (batches or [todo[-1:]])[0]
             head = [(first, repeats_left)] if repeats_left and first else []
             plans.append(head + [(batch, steps) for batch in batches])
@@ -455,6 +484,22 @@ class ImageDataModule(L.LightningDataModule):
         self._consumed = consumed
         sampler = RepeatedBatches(plans[self._rank()], consumed=consumed)
         return DataLoader(self.images, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers)
+
+    def _in_flight_at_checkpoint(self, todo: list[int], consumed: int) -> tuple[list[list[str]], int]:
+        """Per rank, the image ids of the batch the checkpoint stopped inside (only where it is still
+        whole: every image present, none finished, so the checkpoint's soft prompts belong to it),
+        and how many of its steps remain. Nothing when starting afresh."""
+        world = self._world()
+        flying, repeats_left = [[] for _ in range(world)], 0
+        saved = getattr(self, "_saved", None) if consumed else None
+        if not (saved and saved.get("plans") and len(saved["plans"]) == world):
+            return flying, 0
+        waiting = {self.images.image_ids()[i] for i in todo}
+        for r, plan in enumerate(saved["plans"]):
+            batch, used = in_flight(plan, consumed - saved["consumed"])
+            flying[r] = batch if batch and set(batch) <= waiting else []
+            repeats_left = max(repeats_left, self.hparams.steps - used if batch else 0)
+        return flying, repeats_left
 
 
 class PromptedImages(ImageDataModule):
@@ -470,6 +515,12 @@ class PromptedImages(ImageDataModule):
     """
 
     results_glob = "reconstructions*.jsonl"
+    done_means = "already done with these settings in {dir}; reconstructing the other {todo}"
+
+    def item_key(self, i: int) -> tuple[str, str | None]:
+        # Done means done with these settings: an edit, another negative or guidance is new work.
+        item = self.images.items[i]
+        return item["image_id"], self.trainer.lightning_module.settings_key(item.get("edit"))
 
     def __init__(
         self,

@@ -4,6 +4,8 @@
 the starting latents and the negative embedding differ.
 """
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
+from tqdm import tqdm
 
 from .backbone import Backbone
 from .runfiles import append_line, read_jsonl
@@ -150,10 +153,17 @@ def generate_grids(
                                         offload=offload)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for row in rows:
+    # Done means done with these settings: another seed, count or sampler setting is new work.
+    settings = hashlib.sha1(json.dumps([model, dtype, images_per_prompt, seed, steps, guidance, negative_prompt,
+                                        resolution]).encode()).hexdigest()[:12]
+    listing = out_dir / "generated.jsonl"
+    done = {(r.get("image_id"), r.get("prompt"), r.get("settings")) for r in read_jsonl(listing)} if listing.is_file() else set()
+    skipped = 0
+    for row in tqdm(rows, desc="generate", unit="prompt"):  # what it does, how far, an ETA
         stem = row["image_id"].rsplit(".", 1)[0].replace("/", "__")
         path = out_dir / f"{stem}.png"
-        if path.is_file():
+        if path.is_file() and (row["image_id"], row["prompt"], settings) in done:
+            skipped += 1
             continue
         images = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed, negative_prompt,
                           resolution=resolution)
@@ -164,6 +174,8 @@ def generate_grids(
         tmp = path.with_name(path.stem + ".tmp.png")
         image_grid(tiles).save(tmp)
         os.replace(tmp, path)
-        append_line(out_dir / "generated.jsonl", {"image_id": row["image_id"], "prompt": row["prompt"],
-                                                  "grid": path.name, "seed": seed, "images": images_per_prompt})
-        print(f"{path}  {row['prompt']}")
+        append_line(listing, {"image_id": row["image_id"], "prompt": row["prompt"], "grid": path.name, "seed": seed,
+                              "images": images_per_prompt, "settings": settings})
+        tqdm.write(f"{path}  {row['prompt']}")
+    if skipped:
+        print(f"{skipped} of {len(rows)} prompts already have a grid with these settings in {out_dir}; not redone")

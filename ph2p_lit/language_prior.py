@@ -39,7 +39,7 @@ class LanguagePrior:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(
                 f"language_model {name!r}: cannot load it ({reason}). Give a folder or hub id that "
-                "AutoModelForCausalLM loads (e.g. gpt2 after `huggingface-cli download gpt2`), or null for no prior"
+                "AutoModelForCausalLM loads (e.g. gpt2 after `hf download gpt2`), or null for no prior"
             ) from e
         return cls(model, tokenizer, device)
 

@@ -6,6 +6,7 @@ attention maps on request, and the table at the end.
 """
 
 import hashlib
+import json
 import os
 import time
 import warnings
@@ -117,6 +118,14 @@ class Reconstruction(L.LightningModule):
             self.backbone = Backbone.from_pretrained(hp.model, dtype=_DTYPES[hp.dtype], device=self.device,
                                                      local_files_only=hp.local_files_only, offload=hp.get("offload", False))
 
+    def settings_key(self, edit: str | None) -> str:
+        """Everything a result depends on besides its image and prompt: a line with the same image
+        and key is this reconstruction done already; any other (another edit, negative, seed of
+        the sampling settings) is not."""
+        hp = self.hparams
+        fields = [hp.model, hp.dtype, hp.steps, hp.strength, hp.guidance, hp.negative, edit or hp.edit or ""]
+        return hashlib.sha1(json.dumps(fields).encode()).hexdigest()[:12]
+
     # ---------------------------------------------------------------- inverted latents, cached
     def _cache_path(self, image_id: str, prompt: str) -> Path:
         hp = self.hparams
@@ -157,9 +166,11 @@ class Reconstruction(L.LightningModule):
                                        reduction="none", dim=(1, 2, 3))
         lpips = self.lpips_distance(images, targets.float())
         records = [
-            {"image_id": i, "source_prompt": p, "prompt": q, "negative": hp.negative, "guidance": hp.guidance,
-             "steps": hp.steps, "strength": hp.strength, "cached_inversion": self.cache_hit, "psnr": round(float(s), 3), "lpips": round(float(d), 4), "lpips_net": self.lpips_name, "seconds": round(seconds, 3)}
-            for i, p, q, s, d in zip(batch["image_id"], batch["prompt"], prompts, psnr, lpips)
+            {"image_id": i, "source_prompt": p, "prompt": q, "edit": e or "", "negative": hp.negative,
+             "guidance": hp.guidance, "steps": hp.steps, "strength": hp.strength, "settings": self.settings_key(e),
+             "cached_inversion": self.cache_hit, "psnr": round(float(s), 3), "lpips": round(float(d), 4),
+             "lpips_net": self.lpips_name, "seconds": round(seconds, 3)}
+            for i, p, q, e, s, d in zip(batch["image_id"], batch["prompt"], prompts, edits, psnr, lpips)
         ]
         out = {"records": records, "images": to_uint8(images), "targets": to_uint8(targets)}
         if hp.attention_maps:

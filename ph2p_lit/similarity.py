@@ -17,7 +17,7 @@ def load_offline(what: str, name: str, loader, local_files_only: bool):
         return loader(name, local_files_only=local_files_only)
     except OSError as e:
         raise InputError(f"{what}={name!r}: cannot load it offline; fetch it once into the Hugging Face cache "
-                         f"(huggingface-cli download {name}) or give a local folder, or set {what}=null to skip") from e
+                         f"(hf download {name}) or give a local folder, or set {what}=null to skip") from e
 
 
 class ClipSimilarity:

@@ -140,3 +140,32 @@ def test_no_progress_bar_with_the_default_callbacks(tiny_model, image_folder, tm
           "--model.refinement=null", f"--data.root={image_folder}", "--data.limit=1", "--trainer.enable_progress_bar=false",
           f"--trainer.default_root_dir={tmp_path}"])
     assert len(read_jsonl(tmp_path / "prompts.jsonl")) == 1
+
+
+@pytest.mark.parametrize("config", ["demo", "sd15", "sd21", "sdxl"])
+def test_every_invert_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["invert", "--config", f"configs/{config}.yaml", "--print_config"])
+    assert e.value.code in (None, 0)
+    assert "model:" in capsys.readouterr().out
+
+
+def test_the_demo_runs_from_any_folder(tmp_path):
+    """Installed, not in a clone: `--config configs/demo.yaml` (or `demo`) finds the shipped
+    config, and its data.root `demo` the shipped images."""
+    result = _run(["invert", "--config", "configs/demo.yaml", "--data.limit=1", "--model.steps=1", "--model.max_iter=1",
+                   "--model.refinement=null", "--trainer.default_root_dir=run"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(read_jsonl(tmp_path / "run" / "prompts.jsonl")) == 1
+    result = _run(["train-demo", "--config", "train_demo", "--print_config"], cwd=tmp_path)
+    assert result.returncode == 0 and "out_dir: runs/demo_model" in result.stdout  # never the shipped model
+
+
+def test_a_gpu_config_on_a_machine_without_one_is_one_line(tiny_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as e:
+        main(["invert", "--config", "configs/sd15.yaml", f"--model.model={tiny_model}", "--data.root=."])
+    assert str(e.value.code).startswith("ph2p invert: error: trainer:") and "\n" not in str(e.value.code)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,16 @@ def test_file_list_and_hf_imagefolder(tmp_path, image_folder):
     hf.setup()
     assert len(hf.images) == 4 and hf.images[0]["pixels"].shape == (3, 8, 8)
     assert hf.images[0]["caption"].startswith("caption")
+    # An imagefolder keeps each image's file: its name is the id and its path the source, so the
+    # report, `reconstruct --data.prompts` and `generate` find the image (was: 000000, name[0]).
+    assert sorted(hf.images.image_ids()) == [f"img{i}.png" for i in range(4)]
+    assert Path(hf.images[0]["source"]).is_file() and Path(hf.images[0]["source"]).name == hf.images[0]["image_id"]
+
+
+def test_listed_files_get_their_folders_metadata_captions(image_folder):
+    dm = ImageDataModule(files=[f"{image_folder}/img2.png", f"{image_folder}/img0.png"], resolution=8)
+    dm.setup()
+    assert [dm.images[i]["caption"] for i in range(2)] == ["caption 2", "caption 0"]
 
 
 def test_each_batch_repeats_once_per_step():

@@ -74,3 +74,13 @@ def test_inversion_recovers_content_words_of_the_bundled_images(tmp_path):
         [prompt_scores(p, truth[r["image_id"]]) for p, r in zip(prompts, rows)])["content_words_present"]
     assert len(rows) == 8
     assert score([r["prompt"] for r in rows]) >= 0.4 > 0.1 >= score(initial)
+
+
+def test_the_shipped_model_generates_with_the_obvious_diffusers_call():
+    """StableDiffusionPipeline.from_pretrained(folder) with no dtype argument: every part loads in
+    one dtype (was: the text encoder in float16, the U-Net in float32, and a dtype error)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(DEMO_MODEL)
+    image = pipe("a red star on a white background", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()

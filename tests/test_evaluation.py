@@ -118,7 +118,7 @@ def test_evaluate_writes_every_measure_and_resumes(tmp_path, tiny_model, image_f
 
 def test_missing_weights_name_what_to_fetch(tmp_path, image_folder, tiny_model):
     prompts = _prompts(tmp_path, image_folder, ["a", "b", "c"])
-    with pytest.raises(InputError, match=r"clip_model='no-such/clip'.*huggingface-cli download no-such/clip"):
+    with pytest.raises(InputError, match=r"clip_model='no-such/clip'.*hf download no-such/clip"):
         evaluate(str(prompts), model=tiny_model, clip_model="no-such/clip", bert_model=None, local_files_only=True)
     with pytest.raises(InputError, match=r"bert_model='no-such/bert'"):
         evaluate(str(prompts), model=tiny_model, clip_model=None, bert_model="no-such/bert", local_files_only=True)

@@ -107,9 +107,8 @@ def _invert(tiny_model, image_folder, run_dir):
 
 def test_reconstruct_writes_one_line_per_image_resumes_and_reuses_inverted_latents(tiny_model, image_folder, tmp_path):
     prompts = _invert(tiny_model, image_folder, tmp_path / "inv")
-    cache = tmp_path / "cache"
     base = ["reconstruct", f"--model.model={tiny_model}", "--model.steps=4", "--model.lpips_backbone=random",
-            f"--model.latent_cache={cache}", f"--data.prompts={prompts}", "--data.batch_size=2"]
+            f"--data.prompts={prompts}", "--data.batch_size=2"]
 
     def run(out, *extra):
         result = subprocess.run(PH2P + base + [f"--trainer.default_root_dir={out}", *extra],
@@ -126,14 +125,20 @@ def test_reconstruct_writes_one_line_per_image_resumes_and_reuses_inverted_laten
         assert Image.open(tmp_path / "rec" / "images" / f"{stem}.png").size == (16, 16)
         arrays = np.load(tmp_path / "rec" / "attention" / f"{stem}.npz")
         assert arrays["maps"].shape == (len(arrays["tokens"]), 16, 16)
-    run(tmp_path / "rec")  # again: every image is done, nothing is added
+    stdout = run(tmp_path / "rec")  # again: every image is done with these settings, nothing is added
     assert len(read_jsonl(tmp_path / "rec" / "reconstructions.jsonl")) == 3
+    assert "3 of 3 images already done with these settings" in stdout
 
+    # The README's next line, in the same run folder: an edit is new work, not "done".
     source = read_jsonl(prompts)[0]["prompt"].split()[0]
-    run(tmp_path / "edit", f"--model.edit={source}->zebra")
-    edits = read_jsonl(tmp_path / "edit" / "reconstructions.jsonl")
-    assert all(r["cached_inversion"] for r in edits)  # the inversion of the first run was reused
+    run(tmp_path / "rec", f"--model.edit={source}->zebra")
+    rows = read_jsonl(tmp_path / "rec" / "reconstructions.jsonl")
+    edits = [r for r in rows if r["edit"]]
+    assert len(rows) == 6 and len(edits) == 3
+    assert all(r["cached_inversion"] for r in edits)  # the first run's inversions were reused
     assert any("zebra" in r["prompt"] and r["prompt"] != r["source_prompt"] for r in edits)
+    run(tmp_path / "rec", "--model.negative=empty")  # the baseline, too
+    assert [r["negative"] for r in read_jsonl(tmp_path / "rec" / "reconstructions.jsonl")].count("empty") == 3
 
 
 def test_reconstruct_without_lpips_weights_names_them(tiny_model, image_folder, tmp_path, monkeypatch):
@@ -160,6 +165,16 @@ def test_generate_writes_a_grid_per_prompt_with_the_target_first(tiny_model, ima
     assert not np.array_equal(tiles[1], tiles[2])  # different seeds, different images
     target = np.asarray(Image.open(f"{image_folder}/img0.png").convert("RGB").resize((16, 16), Image.Resampling.BICUBIC))
     assert np.array_equal(tiles[0][::8, ::8], target)
+
+    # Other settings are new work: the grids are made again (was: skipped, the old grids stayed).
+    again = subprocess.run(PH2P + args[:-3] + ["--seed=5", "--images_per_prompt=2", "--steps=3", f"--out={tmp_path / 'gen'}"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    regrid = np.asarray(Image.open(grids[0]))
+    assert regrid.shape == (128, 3 * 128, 3) and not np.array_equal(regrid[:, 128:256], grid[:, 128:256])
+    same = subprocess.run(PH2P + args[:-3] + ["--seed=5", "--images_per_prompt=2", "--steps=3", f"--out={tmp_path / 'gen'}"],
+                          capture_output=True, text=True, timeout=600)
+    assert "3 of 3 prompts already have a grid with these settings" in same.stdout
 
 
 def test_compose_chains_concepts_into_one_html_page(tiny_model, image_folder, tmp_path):

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # Stable Diffusion 1.x's noise schedule.
@@ -83,29 +83,18 @@ def build_components(
 
 
 def save_pipeline(components: dict, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Save in the diffusers pipeline layout (model_index.json + one folder a component)."""
+    """Save in the diffusers pipeline layout (model_index.json + one folder a component), as
+    StableDiffusionPipeline writes it. Weights are stored in `dtype` (small), but every config says
+    float32, so the obvious `StableDiffusionPipeline.from_pretrained(folder)` loads all parts in
+    one dtype (transformers would otherwise load the text encoder in its stored dtype and diffusers
+    the U-Net in float32, and generating fails on the mismatch)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    components["tokenizer"].save_pretrained(out_dir / "tokenizer")
-    for name in ("text_encoder", "unet", "vae"):
-        model = components[name]
-        model.to(dtype).save_pretrained(out_dir / name, safe_serialization=True)
-        model.to(torch.float32)
-    components["scheduler"].save_pretrained(out_dir / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
+    parts = {k: v.to(dtype) if isinstance(v, torch.nn.Module) else v for k, v in components.items()}
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(out_dir)
+    for k, v in components.items():
+        if isinstance(v, torch.nn.Module):
+            v.to(torch.float32)
+    config = out_dir / "text_encoder" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": "float32"}, indent=2) + "\n")
     return out_dir
-
-

@@ -158,7 +158,7 @@ def train_oracle(steps: int, n_train: int, seed: int) -> tuple[AttributeOracle, 
 
 
 def train_demo(
-    out_dir: str = "ph2p_lit/demo/model",
+    out_dir: str = "runs/demo_model",
     seed: int = 0,
     n_train: int = 40000,
     oracle_steps: int = 600,
@@ -168,7 +168,8 @@ def train_demo(
     caption_dropout: float = 0.1,
     save_dtype: str = "float16",
 ) -> dict:
-    """Train oracle, VAE and text encoder + U-Net from `seed`; write the pipeline to `out_dir`.
+    """Train oracle, VAE and text encoder + U-Net from `seed`; write the pipeline to `out_dir`
+    (the shipped model is ph2p_lit/demo/model: name it to replace it).
 
     Defaults take about 45 minutes on 2 CPU cores (docs/results.md has the measured time).
     """
