@@ -74,9 +74,25 @@ class ParsingCLI(LightningCLI):
             raise argument_error(self.command, e, list(parser._option_string_actions)) from None
 
 
+def options_before_trainer(parser) -> None:
+    """--help lists the model's and data's options first, Lightning's trainer flags after them."""
+    def is_trainers(group) -> bool:
+        return any(a.dest.startswith("trainer") for a in group._group_actions)
+
+    parser._action_groups.sort(key=is_trainers)
+    for group in filter(is_trainers, parser._action_groups):
+        group.title = "Lightning's Trainer (--trainer.*): devices, precision, callbacks, the run folder"
+
+
+def parser_settings(command: str) -> dict:
+    return {"prog": f"ph2p {command}", "exit_on_error": False, "description": COMMANDS[command],
+            "usage": f"ph2p {command} [--config FILE] [--model.KEY VALUE] [--data.KEY VALUE] [--trainer.KEY VALUE]"}
+
+
 class InversionCLI(ParsingCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume from")
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="checkpoint to resume from: a file, or 'last' for the run folder's newest")
         # One source of truth for values the model and the data both need.
         parser.link_arguments("model.steps", "data.steps")
         parser.link_arguments("data.batch_size", "model.batch_size")
@@ -93,6 +109,7 @@ class InversionCLI(ParsingCLI):
                 "trainer.use_distributed_sampler": False,  # the DataModule shards images by rank itself
             }
         )
+        options_before_trainer(parser)
 
 
     def before_instantiate_classes(self) -> None:
@@ -118,6 +135,7 @@ class ReconstructionCLI(ParsingCLI):
                 "trainer.use_distributed_sampler": False,  # PromptedImages shards images by rank itself
             }
         )
+        options_before_trainer(parser)
 
 
 def one_line(text: str) -> str:
@@ -150,7 +168,8 @@ def invert(args: list[str]) -> None:
         run=False,
         save_config_kwargs={"overwrite": True},
         subclass_mode_model=False,
-        parser_kwargs={"prog": "ph2p invert", "exit_on_error": False},
+        parser_kwargs=parser_settings("invert"),
+        auto_configure_optimizers=False,  # the module has its own optimiser (model.optimizer)
     )
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path not in (None, "last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
@@ -186,7 +205,7 @@ def reconstruct(args: list[str]) -> None:
 
     cli = ReconstructionCLI(Reconstruction, PromptedImages, args=args, run=False,
                             save_config_kwargs={"overwrite": True}, subclass_mode_model=False,
-                            parser_kwargs={"prog": "ph2p reconstruct", "exit_on_error": False})
+                            parser_kwargs=parser_settings("reconstruct"), auto_configure_optimizers=False)
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
 
 

@@ -61,8 +61,9 @@ def compose(
     guidance: float = 7.5,
     seed: int = 0,
 ) -> Path:
-    """Compose concepts in order: A + B, then (A B) + C, ... Writes out/compose.html (images
-    embedded, opens offline) and returns its path.
+    """Compose concepts in order, A + B, then (A B) + C, into one HTML page.
+
+    Writes out/compose.html (images embedded, opens offline) and returns its path.
 
     Args:
         concepts: two or more images or folders; a folder is a set whose best prompt (lowest
@@ -72,6 +73,10 @@ def compose(
         model: the model that inverts and generates; None: the config's model.model.
         invert_overrides: extra `ph2p invert` options, e.g. ["--model.steps=100"].
         images_per_prompt: images generated from each joined prompt; the first is inverted next.
+        out: the folder of the page and every stage's runs.
+        steps: DDIM steps of each generation.
+        guidance: classifier-free guidance scale of each generation.
+        seed: the first generated image's seed.
     """
     if not concepts or len(concepts) < 2:
         raise InputError("concepts: give two or more images or folders (--concepts [a.png, b.png, c.png])")

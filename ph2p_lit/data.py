@@ -247,12 +247,15 @@ class ImageDataModule(L.LightningDataModule):
             "demo": the 8 renders shipped with the package.
         files: a list of image paths, or one text file listing them.
         dataset: a Hugging Face dataset name or local path (for example an `imagefolder`).
-        split, image_column, caption_column: which part and columns of `dataset`.
+        split: which split of `dataset`.
+        image_column: the column of `dataset` holding the images.
+        caption_column: the column of `dataset` holding captions (None, or absent: no captions).
         limit: only the first `limit` images (after sorting).
         batch_size: images inverted together.
         steps: optimiser steps per batch (set from model.steps).
         resolution: pixels per side; None reads the model's VAE config.
-        model, local_files_only: the model whose resolution to use (set from model.*).
+        model: the model whose resolution to use (set from model.model).
+        local_files_only: never reach the hub for it (set from model.local_files_only).
         num_workers: DataLoader workers.
         skip_done: leave out images that already have a line in the run folder's prompts*.jsonl
             (trainer.default_root_dir), so a run started again resumes where it stopped.
@@ -509,7 +512,13 @@ class PromptedImages(ImageDataModule):
         prompts: a prompts.jsonl from `ph2p invert`; each line names its image (`source`) and
             its recovered `prompt`; a line may add its own `edit` (it overrides model.edit).
         prompt: instead, one text prompt for every image of `root` or `files`.
-        root, files, limit, resolution, model, local_files_only, num_workers: as ImageDataModule.
+        root: with `prompt`, a folder of images (as ImageDataModule).
+        files: with `prompt`, a list of image paths or a file listing them.
+        limit: only the first `limit` images.
+        resolution: pixels per side; None reads the model's VAE config.
+        model: set from model.model.
+        local_files_only: set from model.local_files_only.
+        num_workers: DataLoader workers.
         batch_size: images per U-Net batch.
         skip_done: leave out images that already have a line in the run folder's reconstructions*.jsonl.
     """

@@ -63,19 +63,27 @@ def evaluate(
     local_files_only: bool = False,
     device: str = "auto",
 ) -> dict:
-    """Evaluate a run's recovered prompts; returns the means written to metrics.json.
+    """Measure a run's recovered prompts and write metrics.jsonl and metrics.json beside them.
+
+    Returns the means written to metrics.json.
 
     Args:
         prompts: the run's prompts.jsonl; metrics.jsonl and metrics.json go beside it.
         model: the model that generates (the one the prompts were recovered with).
-        images_per_prompt: K images generated per prompt (seeds seed..), DDIM `steps`, CFG `guidance`.
+        images_per_prompt: K images generated per prompt, seeds seed .. seed + K - 1.
+        steps: DDIM steps of the generation.
+        guidance: classifier-free guidance scale of the generation.
+        seed: the first image's seed.
         clip_model: a CLIPModel (hub id or folder); null skips CLIP similarity.
-        bert_model, bert_layers: BERTScore's model and layer (torchmetrics; roberta-large layer 17
-            is BERTScore's default); null skips it.
-        lpips_net, lpips_backbone: as for `ph2p reconstruct`.
+        bert_model: BERTScore's model (torchmetrics); null skips BERTScore.
+        bert_layers: BERTScore's layer (roberta-large layer 17 is BERTScore's default).
+        lpips_net: LPIPS network, as for `ph2p reconstruct`.
+        lpips_backbone: LPIPS backbone weights ("random" offline), as for `ph2p reconstruct`.
         demo_measures: content-word P/R/F1 and oracle agreement; None: on when model is "demo".
         language_model: a causal LM (e.g. gpt2; "demo": the demo world's caption model) under
             which each prompt's perplexity is measured, the field's readability measure; null skips it.
+        local_files_only: never reach the hub when loading models.
+        device: "auto" takes the GPU when there is one.
     """
     if not prompts or not Path(prompts).is_file():
         raise InputError(f"prompts={prompts}: give an invert run's prompts.jsonl")

@@ -133,16 +133,24 @@ def generate_grids(
     offload: bool = False,
     local_files_only: bool = False,
 ) -> None:
-    """Diverse images from each prompt: one grid PNG per prompt (the target image first when the
-    prompts come from an invert run), plus generated.jsonl naming each grid.
+    """Generate a grid of images from each prompt, the target image first when it is known.
+
+    One PNG per prompt in `out`, and generated.jsonl naming each grid with its settings.
 
     Args:
         prompts: an invert run's prompts.jsonl, or one or more prompt texts.
-        out: output folder; a prompt whose grid exists already is skipped (re-running resumes).
+        out: output folder; a prompt whose grid exists with these settings is skipped (a rerun resumes).
+        model: diffusers folder or hub id ("demo": the shipped model).
         images_per_prompt: images (seeds) per prompt; image k of a prompt is reproducible from `seed`.
+        seed: the first image's seed; image k uses seed + k.
+        steps: DDIM steps.
+        guidance: classifier-free guidance scale.
+        negative_prompt: the negative prompt of the guidance ("" the unconditional one).
         device: "auto" takes the GPU when there is one.
+        dtype: the frozen model's dtype.
         resolution: pixels per side; None: the model's (its VAE config's sample_size).
         offload: keep the VAE and text encoders on the CPU except while they run.
+        local_files_only: never reach the hub when loading `model`.
     """
     if not prompts:
         raise InputError("prompts: give an invert run's prompts.jsonl or prompt texts (--prompts ...)")

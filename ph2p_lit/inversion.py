@@ -35,11 +35,14 @@ class PromptInversion(L.LightningModule):
             L-BFGS loop computes once its own writes are overwritten by the projection;
             "lbfgs": a true per-image L-BFGS step on ê (BatchedLBFGS) with a trust region;
             "adam": the paper's Table 4 ablation.
-        lr, max_iter: step size and closure evaluations a step (max_iter is ignored by adam).
-        history_size, max_step: L-BFGS memory, and its trust region: no position moves further
-            than max_step x the median vocabulary embedding norm in one iteration (None: none).
+        lr: step size.
+        max_iter: closure evaluations a step (ignored by adam).
+        history_size: L-BFGS memory (curvature pairs kept).
+        max_step: L-BFGS's trust region: no position moves further than max_step x the median
+            vocabulary embedding norm in one iteration (None: none).
         steps: optimiser steps per image (N).
-        t_min, t_max: the timestep window [t_a, t_b) (the authors' t ~ U{500..899}).
+        t_min: the timestep window's start t_a (the authors' t ~ U{500..899}).
+        t_max: the timestep window's end t_b, exclusive.
         all_timesteps: the "all t" ablation: the window becomes [0, T).
         draws: (t, noise) pairs averaged in one loss evaluation.
         resample_each_eval: fresh (t, noise) at every closure evaluation (as the authors' code,
@@ -51,10 +54,17 @@ class PromptInversion(L.LightningModule):
             the first and last step) to keep the best.
         patience: > 0 stops an image once its best loss has not improved by more than `min_delta`
             for this many scorings in a row (all images of a batch stop together).
+        min_delta: the improvement of the best loss that counts for `patience`.
         refinement: the discrete refinement after the continuous phase (refine.Refinement: guided
             decoding by a language prior, greedy token swaps, optional pruning, all scored by the
             diffusion loss plus the prior); None: off.
-        metric, ascii_only, whole_words, english_words, allow, deny, no_repeat: the vocabulary.
+        metric: the projection's distance, "l2" (the paper's) or "cosine".
+        ascii_only: drop vocabulary tokens with non-ASCII characters.
+        whole_words: only tokens that end a word (no sub-word pieces).
+        english_words: only whole words of letters a-z.
+        allow: if given, only these words (each one token).
+        deny: words never to use.
+        no_repeat: no token twice in a prompt.
         negative_weight: w of negative-image prompting (the paper's Algorithm 2, which uses 1): with
             negative images in the data, each image minimises L(target) − w · L(negative).
         negative_margin: the guard against that objective running away: the negative term counts

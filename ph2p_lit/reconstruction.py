@@ -74,12 +74,16 @@ class Reconstruction(L.LightningModule):
         edit: None reconstructs; word substitutions "red->green, star->heart" or a full prompt
             make an edit (condition: the edited prompt; negative: as `negative` says).
         attention_maps: also write each token's cross-attention map (PNG grid and .npz arrays).
-        attention_t_min, attention_t_max, attention_timesteps: the window and number of timesteps
-            the maps are averaged over.
-        lpips_net, lpips_backbone: LPIPS network and its backbone weights ("random" offline).
+        attention_t_min: start of the timestep window the maps are averaged over.
+        attention_t_max: end of that window, exclusive.
+        attention_timesteps: timesteps in the window the maps are averaged over.
+        lpips_net: LPIPS network.
+        lpips_backbone: LPIPS's backbone weights: "pretrained" (torchvision's), or "random" offline.
         latent_cache: folder keeping DDIM-inverted latents for repeated edits (None: the run
             folder's inverted/).
-        dtype, offload, local_files_only: as for `ph2p invert`.
+        dtype: the frozen model's dtype.
+        offload: keep the VAE and text encoder on the CPU except while they run.
+        local_files_only: never reach the hub when loading `model`.
     """
 
     def __init__(

@@ -169,3 +169,36 @@ def test_a_gpu_config_on_a_machine_without_one_is_one_line(tiny_model):
     with pytest.raises(SystemExit) as e:
         main(["invert", "--config", "configs/sd15.yaml", f"--model.model={tiny_model}", "--data.root=."])
     assert str(e.value.code).startswith("ph2p invert: error: trainer:") and "\n" not in str(e.value.code)
+
+
+def test_every_option_of_every_command_has_a_line_of_meaning():
+    """`--help` describes each option: every parameter is in its class's or function's Args."""
+    import inspect
+
+    from docstring_parser import parse
+
+    from ph2p_lit.compose import compose
+    from ph2p_lit.data import ImageDataModule, PromptedImages
+    from ph2p_lit.demo.caption_lm import train_caption_lm
+    from ph2p_lit.demo.train import train_demo
+    from ph2p_lit.evaluation import evaluate
+    from ph2p_lit.generate import generate_grids
+    from ph2p_lit.inversion import PromptInversion
+    from ph2p_lit.reconstruction import Reconstruction
+
+    for thing in (PromptInversion, ImageDataModule, PromptedImages, Reconstruction, generate_grids, evaluate,
+                  compose, train_demo, train_caption_lm):
+        doc = parse(thing.__doc__)
+        described = {p.arg_name for p in doc.params if p.description}
+        signature = inspect.signature(thing.__init__ if inspect.isclass(thing) else thing)
+        assert set(signature.parameters) - {"self"} <= described, thing.__name__
+        assert doc.short_description.endswith("."), thing.__name__  # help's first line is a whole sentence
+
+
+def test_invert_help_puts_the_model_and_data_before_the_trainer(capsys):
+    with pytest.raises(SystemExit):
+        main(["invert", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: ph2p invert")
+    assert text.index("--model.prompt_length") < text.index("--data.root") < text.index("--trainer.devices")
+    assert "--optimizer " not in text  # Lightning's optimiser flags, which the model does not use

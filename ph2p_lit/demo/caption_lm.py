@@ -45,7 +45,9 @@ def train_caption_lm(out: str = "runs/caption_lm", steps: int = 1500, batch_size
 
     Args:
         out: folder to write; it is created.
-        steps, batch_size, lr: AdamW steps on freshly sampled captions.
+        steps: AdamW steps, each on freshly sampled captions.
+        batch_size: captions per step.
+        lr: AdamW's learning rate.
         seed: the caption stream and the initial weights.
     """
     torch.manual_seed(seed)

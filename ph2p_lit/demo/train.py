@@ -168,10 +168,21 @@ def train_demo(
     caption_dropout: float = 0.1,
     save_dtype: str = "float16",
 ) -> dict:
-    """Train oracle, VAE and text encoder + U-Net from `seed`; write the pipeline to `out_dir`
-    (the shipped model is ph2p_lit/demo/model: name it to replace it).
+    """Train the demo model (oracle, VAE, then text encoder + U-Net) on the procedural world.
 
     Defaults take about 45 minutes on 2 CPU cores (docs/results.md has the measured time).
+
+    Args:
+        out_dir: where the pipeline is written (the shipped model is ph2p_lit/demo/model: name it
+            to replace it); the oracle goes beside it.
+        seed: seeds the renders, the initial weights and the training order.
+        n_train: procedural renders to train on.
+        oracle_steps: optimiser steps of the attribute oracle (a CNN).
+        vae_steps: optimiser steps of the VAE.
+        diffusion_steps: optimiser steps of text encoder + U-Net (EMA weights are saved).
+        decoder_steps: optimiser steps of the VAE decoder's fine-tuning on the final latents.
+        caption_dropout: share of captions replaced by "" (for classifier-free guidance).
+        save_dtype: dtype the weights are stored in (they load as float32).
     """
     L.seed_everything(seed)
     torch.set_float32_matmul_precision("high")
