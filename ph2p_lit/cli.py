@@ -160,7 +160,7 @@ def print_table(run_dir: Path) -> None:
         print(f"report: {run_dir / 'report.html'} (images, prompts and images generated from them)")
 
 
-def invert(args: list[str]) -> None:
+def invert(args: list[str], table: bool = True) -> None:
     cli = InversionCLI(
         PromptInversion,
         ImageDataModule,
@@ -187,7 +187,7 @@ def invert(args: list[str]) -> None:
         # the folder since are inverted by a fresh run on the same folder (finished ones are skipped).
         trainer = cli.instantiate_trainer()
         trainer.fit(cli.model, datamodule=cli.datamodule)
-    if cli.trainer.is_global_zero:
+    if table and cli.trainer.is_global_zero:
         print_table(Path(cli.trainer.default_root_dir))
 
 

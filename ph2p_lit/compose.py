@@ -29,7 +29,10 @@ def _invert(images: list[Path], run_dir: Path, config: str, overrides: list[str]
     for k, path in enumerate(images):
         with Image.open(path) as image:
             image.convert("RGB").save(folder / f"{k:03d}_{path.stem}.png")
-    invert([f"--config={config}", f"--data.root={folder}", f"--trainer.default_root_dir={run_dir}", *overrides])
+    # Quiet: compose shows its own progress; each inversion's bar, table and report would repeat it.
+    invert([f"--config={config}", f"--data.root={folder}", f"--trainer.default_root_dir={run_dir}",
+            "--trainer.enable_progress_bar=false", "--trainer.callbacks=[{class_path: ph2p_lit.callbacks.ResultsWriter}]",
+            *overrides], table=False)
     return sorted(read_jsonl(run_dir / "prompts.jsonl"), key=lambda r: r["image_id"])
 
 
@@ -87,6 +90,8 @@ def compose(
 
         model = (yaml.safe_load(Path(packaged_config(config)).read_text()) or {}).get("model", {}).get("model", "demo")
     overrides.append(f"--model.model={model}")
+    n_images = sum(len(s) for s in sets)
+    print(f"compose: inverting {n_images} concept image(s) into {out_dir / 'concepts'}", flush=True)
     rows = _invert([p for s in sets for p in s], out_dir / "concepts", config, overrides)
     by_set, k = [], 0
     for s in sets:  # each set's rows, in the order they were copied
@@ -97,6 +102,8 @@ def compose(
     stages, carried = [], by_set[0]
     for n, concept in enumerate(by_set[1:], start=1):
         joined = f"{carried['prompt']} {concept['prompt']}"
+        print(f"compose: stage {n} of {len(by_set) - 1}: generating from {joined!r}, then inverting the first image",
+              flush=True)
         images = generate(backbone, [joined] * images_per_prompt, steps, guidance, seed + n)
         tiles = [Image.fromarray(a) for a in to_uint8(images)]
         stage_dir = out_dir / f"stage{n}"

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from tqdm import tqdm
 
 from .backbone import Backbone
 from .language_prior import LanguagePrior
@@ -111,7 +112,7 @@ def evaluate(
     records = {r["image_id"]: r for r in kept}
     shown = min(images_per_prompt, 3)
     missing = []
-    for row in rows:
+    for row in tqdm(rows, desc="evaluate", unit="image"):  # generation and measures: minutes on a CPU
         if row["image_id"] in records:
             continue
         source = Path(row.get("source", ""))
@@ -120,7 +121,7 @@ def evaluate(
                 target = to_pixels(image, backbone.resolution)[None].to(device)
         except (OSError, ValueError) as e:  # gone, moved or unreadable: measure the others, list it
             missing.append({"image_id": row["image_id"], "source": str(source), "error": f"{type(e).__name__}: {e}".splitlines()[0]})
-            print(f"skipping {row['image_id']}: cannot read {source} (run evaluate from the folder the invert run ran in)")
+            tqdm.write(f"skipping {row['image_id']}: cannot read {source} (run evaluate from the folder the invert run ran in)")
             continue
         generated = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed).to(device)
         # The report shows (the first few of) the images that were measured, not another sample.

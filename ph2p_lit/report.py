@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 from PIL import Image
+from tqdm import tqdm
 
 from .runfiles import read_jsonl, write_text_atomic
 from .data import to_rgb
@@ -52,7 +53,8 @@ def write_report(run_dir: Path, backbone, settings: dict, images_per_prompt: int
                  guidance: float = 7.5, seed: int = 0, metrics: dict[str, dict] | None = None) -> Path:
     """report.html from the run's prompts.jsonl; `metrics` (image_id -> measures) adds columns."""
     rows = sorted(read_jsonl(run_dir / "prompts.jsonl"), key=lambda r: r["image_id"])
-    cells = [_cell(backbone, run_dir, r, images_per_prompt, steps, guidance, seed) for r in rows]
+    cells = [_cell(backbone, run_dir, r, images_per_prompt, steps, guidance, seed)
+             for r in tqdm(rows, desc="report", unit="prompt")]  # generates each prompt's images
     page = run_dir / "report.html"
     write_text_atomic(page, _page(run_dir.name, cells, settings, metrics or {}))
     return page
