@@ -64,6 +64,7 @@ class PromptInversion(L.LightningModule):
         english_words: only whole words of letters a-z.
         allow: if given, only these words (each one token).
         deny: words never to use.
+        deny_offensive: never use the words of the shipped list ph2p_lit/words/offensive.txt.
         no_repeat: no token twice in a prompt.
         negative_weight: w of negative-image prompting (the paper's Algorithm 2, which uses 1): with
             negative images in the data, each image minimises L(target) − w · L(negative).
@@ -108,6 +109,7 @@ class PromptInversion(L.LightningModule):
         english_words: bool = False,
         allow: list[str] | None = None,
         deny: list[str] | None = None,
+        deny_offensive: bool = True,
         no_repeat: bool = False,
         negative_weight: float = 1.0,
         negative_margin: float | None = 0.05,
@@ -158,7 +160,7 @@ class PromptInversion(L.LightningModule):
         self.sampler = TimestepSampler(t_min, t_max, hp.draws, hp.seed, hp.eval_draws)
         self.vocab = Vocabulary(
             self.backbone.tokenizer, self.backbone.token_table, hp.ascii_only, hp.whole_words,
-            hp.english_words, hp.allow, hp.deny, hp.metric,
+            hp.english_words, hp.allow, hp.deny, hp.metric, hp.get("deny_offensive", True),
         ).to(self.device)
         D = self.backbone.token_table.shape[1]
         self.soft_prompt = torch.nn.Parameter(torch.zeros(hp.batch_size, hp.prompt_length, D))  # (B, L, D)

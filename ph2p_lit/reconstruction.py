@@ -6,6 +6,7 @@ attention maps on request, and the table at the end.
 """
 
 import hashlib
+import html
 import json
 import os
 import time
@@ -23,7 +24,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .attention import heat_grid, prompt_tokens, token_attention
 from .backbone import Backbone
-from .runfiles import append_line, read_jsonl
+from .runfiles import append_line, read_jsonl, write_text_atomic
 from .errors import InputError
 from .inversion import _DTYPES
 from .generate import strength_steps, to_uint8
@@ -196,8 +197,10 @@ class Reconstruction(L.LightningModule):
 
 
 class ReconstructionWriter(BasePredictionWriter):
-    """Per image: images/<id>.png (the result), a line in reconstructions.jsonl and, with
-    attention maps, attention/<id>.png + .npz. At the end: the table."""
+    """Per image: images/<id>.<settings>.png (the result; one file per edit or negative, so runs
+    with other settings in one folder keep theirs), targets/<id>.png (the image as the model saw
+    it), a line in reconstructions.jsonl naming both and, with attention maps,
+    attention/<id>.<settings>.png + .npz. At the end: the table and reconstruct.html."""
 
     def __init__(self, dirpath: str | None = None):
         super().__init__(write_interval="batch")
@@ -209,8 +212,11 @@ class ReconstructionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         for k, record in enumerate(prediction["records"]):
-            stem = record["image_id"].rsplit(".", 1)[0]
-            _save_png(Image.fromarray(prediction["images"][k]), self.run_dir / "images" / f"{stem}.png")
+            target = record["image_id"].rsplit(".", 1)[0]
+            stem = f"{target}.{record['settings']}"
+            record = {**record, "image": f"images/{stem}.png", "target": f"targets/{target}.png"}
+            _save_png(Image.fromarray(prediction["images"][k]), self.run_dir / record["image"])
+            _save_png(Image.fromarray(prediction["targets"][k]), self.run_dir / record["target"])
             if "attention" in prediction:
                 att = prediction["attention"][k]
                 _save_png(heat_grid(prediction["targets"][k], att["maps"], att["tokens"]),
@@ -226,6 +232,32 @@ class ReconstructionWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             print_reconstructions(self.run_dir)
+            page = write_reconstruct_page(self.run_dir)
+            if page:
+                print(f"page: {page}")
+
+
+def write_reconstruct_page(run_dir: Path) -> Path | None:
+    """reconstruct.html: per image and setting, the target, the result, PSNR / LPIPS and the prompts.
+    Images are linked files beside the page (not embedded), so it stays small for any number."""
+    rows = sorted((r for p in run_dir.glob("reconstructions*.jsonl") for r in read_jsonl(p) if "image" in r),
+                  key=lambda r: (r["image_id"], r.get("edit", ""), r.get("negative", "")))
+    if not rows:
+        return None
+    esc = html.escape
+    cells = "".join(
+        f"<tr><td>{esc(r['image_id'])}</td><td><img src='{esc(r['target'])}'></td><td><img src='{esc(r['image'])}'></td>"
+        f"<td>{r['psnr']:.2f}</td><td>{r['lpips']:.4f}</td><td>{esc(r['source_prompt'])}</td>"
+        f"<td>{esc(r['prompt'])}</td><td>{esc(r.get('negative', ''))}</td></tr>" for r in rows)
+    page = run_dir / "reconstruct.html"
+    write_text_atomic(page, (
+        "<!doctype html><meta charset='utf-8'><title>reconstruct</title><style>body{font-family:sans-serif}"
+        "td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}img{width:128px;image-rendering:pixelated}"
+        "</style><h1>Reconstructions</h1><p>PSNR: higher is better; LPIPS: lower is better. "
+        f"{len(rows)} results; <a href='reconstructions.jsonl'>reconstructions.jsonl</a></p><table><tr><th>image</th>"
+        "<th>target</th><th>result</th><th>PSNR dB</th><th>LPIPS</th><th>source prompt</th><th>prompt (edit)</th>"
+        f"<th>negative</th></tr>{cells}</table>"))
+    return page
 
 
 def _save_png(image: Image.Image, path: Path) -> None:

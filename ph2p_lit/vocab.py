@@ -4,7 +4,9 @@ The embedding table comes from the loaded text encoder (no separate vocabulary f
 decide which rows are candidates; special tokens are never candidates.
 """
 
+import functools
 import re
+from pathlib import Path
 
 import torch
 from transformers import CLIPTokenizer
@@ -18,8 +20,57 @@ def _is_whole_word(token: str) -> bool:
     return token.endswith(_WORD_END)
 
 
-def _is_english_word(token: str) -> bool:
-    return _is_whole_word(token) and re.fullmatch(r"[a-z]{2,}|a|i", token[: -len(_WORD_END)]) is not None
+# CLIP's BPE merges are numbered by frequency in its training text: a word token below this id is
+# common in image captions (laptop 10464, selfie 3666), junk like "afcb" or "weathercee" is not
+# (44276, 44980).
+FREQUENT_BELOW = 20000
+
+
+@functools.cache
+def _dictionary() -> frozenset[str]:
+    """Webster's 2nd and GCIDE, lower-case (english-words); modern words come from CLIP's frequency."""
+    from english_words import get_english_words_set
+
+    return frozenset(get_english_words_set(["web2", "gcide"], lower=True))
+
+
+@functools.cache
+def offensive_words() -> frozenset[str]:
+    """The shipped list of words no prompt should contain (ph2p_lit/words/offensive.txt)."""
+    lines = (Path(__file__).parent / "words" / "offensive.txt").read_text().splitlines()
+    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+def _word(token: str) -> str:
+    return token[: -len(_WORD_END)] if token.endswith(_WORD_END) else token
+
+
+def _is_english_word(token: str, token_id: int) -> bool:
+    """A whole word of letters a-z that a dictionary lists or CLIP's captions use often."""
+    word = _word(token)
+    if not (_is_whole_word(token) and re.fullmatch(r"[a-z]{2,}|a|i", word)):
+        return False
+    return token_id < FREQUENT_BELOW or _in_dictionary(word)
+
+
+# Inflections a dictionary lists under their headword: (suffix, what replaces it).
+_INFLECTIONS = [("s", ""), ("es", ""), ("ed", ""), ("ed", "e"), ("ing", ""), ("ing", "e"), ("er", ""), ("er", "e"),
+                ("ers", ""), ("est", ""), ("ly", ""), ("y", ""), ("ies", "y"), ("ied", "y"), ("ier", "y"),
+                ("iest", "y"), ("ily", "y"), ("ness", ""), ("ment", "")]
+
+
+def _in_dictionary(word: str) -> bool:
+    """The word or its headword (merchants, separated, running, happier) is in the dictionary."""
+    if word in _dictionary():
+        return True
+    for suffix, replacement in _INFLECTIONS:
+        stem = word[: -len(suffix)]
+        if word.endswith(suffix) and len(stem) >= 3:
+            if stem + replacement in _dictionary():
+                return True
+            if suffix in ("ed", "ing", "er", "est") and stem[-1] == stem[-2] and stem[:-1] in _dictionary():
+                return True  # a doubled consonant: running, stopped, bigger
+    return False
 
 
 class Vocabulary:
@@ -29,7 +80,9 @@ class Vocabulary:
         tokenizer, embedding_table: the model's; the table is (V, D).
         ascii_only: drop tokens with non-ASCII characters.
         whole_words: keep only tokens that end a word (no sub-word pieces).
-        english_words: keep only whole words made of letters a-z (implies whole_words).
+        english_words: keep only whole words of letters a-z that a dictionary lists (Webster's
+            2nd, GCIDE) or that are frequent in CLIP's captions (implies whole_words).
+        deny_offensive: drop the words of the shipped list ph2p_lit/words/offensive.txt.
         allow: if given, only these words (each must be one token).
         deny: words never to use.
         metric: "l2" (the paper's) or "cosine".
@@ -45,6 +98,7 @@ class Vocabulary:
         allow: list[str] | None = None,
         deny: list[str] | None = None,
         metric: str = "l2",
+        deny_offensive: bool = True,
     ):
         if metric not in ("l2", "cosine"):
             raise InputError(f"vocabulary metric {metric!r}: use 'l2' or 'cosine'")
@@ -55,7 +109,9 @@ class Vocabulary:
         for i, tok in enumerate(tokens):
             if tok is None or (ascii_only and not tok.isascii()):
                 keep[i] = False
-            elif (whole_words and not _is_whole_word(tok)) or (english_words and not _is_english_word(tok)):
+            elif (whole_words and not _is_whole_word(tok)) or (english_words and not _is_english_word(tok, i)):
+                keep[i] = False
+            elif deny_offensive and _word(tok) in offensive_words():
                 keep[i] = False
         if allow:
             allowed = torch.zeros_like(keep)

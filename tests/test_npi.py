@@ -121,10 +121,13 @@ def test_reconstruct_writes_one_line_per_image_resumes_and_reuses_inverted_laten
     assert sorted(r["image_id"] for r in rows) == ["img0.png", "img1.png", "img2.png"]
     assert all(r["prompt"] == r["source_prompt"] and np.isfinite(r["psnr"]) and r["lpips"] >= 0 for r in rows)
     assert not any(r["cached_inversion"] for r in rows) and "mean" in stdout
-    for stem in ("img0", "img1", "img2"):
-        assert Image.open(tmp_path / "rec" / "images" / f"{stem}.png").size == (16, 16)
-        arrays = np.load(tmp_path / "rec" / "attention" / f"{stem}.npz")
+    for r in rows:
+        assert Image.open(tmp_path / "rec" / r["image"]).size == (16, 16)
+        assert Image.open(tmp_path / "rec" / r["target"]).size == (16, 16)
+        arrays = np.load(tmp_path / "rec" / r["image"].replace("images/", "attention/").replace(".png", ".npz"))
         assert arrays["maps"].shape == (len(arrays["tokens"]), 16, 16)
+    page = (tmp_path / "rec" / "reconstruct.html").read_text()
+    assert all(r["image"] in page and r["target"] in page for r in rows)
     stdout = run(tmp_path / "rec")  # again: every image is done with these settings, nothing is added
     assert len(read_jsonl(tmp_path / "rec" / "reconstructions.jsonl")) == 3
     assert "3 of 3 images already done with these settings" in stdout
@@ -138,7 +141,9 @@ def test_reconstruct_writes_one_line_per_image_resumes_and_reuses_inverted_laten
     assert all(r["cached_inversion"] for r in edits)  # the first run's inversions were reused
     assert any("zebra" in r["prompt"] and r["prompt"] != r["source_prompt"] for r in edits)
     run(tmp_path / "rec", "--model.negative=empty")  # the baseline, too
-    assert [r["negative"] for r in read_jsonl(tmp_path / "rec" / "reconstructions.jsonl")].count("empty") == 3
+    rows = read_jsonl(tmp_path / "rec" / "reconstructions.jsonl")
+    assert [r["negative"] for r in rows].count("empty") == 3
+    assert len({r["image"] for r in rows}) == 9  # each setting keeps its own result files
 
 
 def test_reconstruct_without_lpips_weights_names_them(tiny_model, image_folder, tmp_path, monkeypatch):

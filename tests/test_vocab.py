@@ -11,7 +11,7 @@ def table(tokenizer):
 
 
 def test_special_tokens_never_candidates(tokenizer, table):
-    vocab = Vocabulary(tokenizer, table)
+    vocab = Vocabulary(tokenizer, table, deny_offensive=False)
     ids = set(vocab.token_ids.tolist())
     assert tokenizer.bos_token_id not in ids and tokenizer.eos_token_id not in ids
     assert len(vocab) == len(tokenizer) - 2
@@ -53,3 +53,15 @@ def test_decode_is_clean_text(tokenizer, table):
     vocab = Vocabulary(tokenizer, table)
     ids = tokenizer("a red star", add_special_tokens=False).input_ids
     assert vocab.decode(ids) == "a red star"
+
+
+def test_english_words_are_dictionary_or_frequent_words_and_offensive_ones_never(tokenizer):
+    """Junk that is only letters (names run together, hashtags) is not English; inflected and
+    modern words are; the shipped offensive list is denied by default."""
+    table = torch.randn(len(tokenizer), 8)
+    vocab = Vocabulary(tokenizer, table, ascii_only=True, english_words=True)
+    kept = {tokenizer.convert_ids_to_tokens(int(i))[: -len("</w>")] for i in vocab.token_ids}
+    assert {"laptop", "selfie", "merchants", "separated", "star", "background"} <= kept
+    assert not {"nathanfillion", "afcb", "weathercee", "racist"} & kept
+    assert "racist" in {tokenizer.convert_ids_to_tokens(int(i))[:-4]
+                        for i in Vocabulary(tokenizer, table, deny_offensive=False).token_ids}
