@@ -95,12 +95,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def image_grid(tiles: list[Image.Image], min_tile: int = 128) -> Image.Image:
-    """Tiles side by side, each scaled up (nearest) to at least `min_tile` pixels for viewing."""
+def image_grid(tiles: list[Image.Image], min_tile: int = 128, gap: int = 0) -> Image.Image:
+    """Tiles side by side, each scaled up (nearest) to at least `min_tile` pixels for viewing,
+    `gap` white pixels apart."""
     side = max(tiles[0].width, min_tile)
-    grid = Image.new("RGB", (side * len(tiles), side), "white")
+    grid = Image.new("RGB", (side * len(tiles) + gap * (len(tiles) - 1), side), "white")
     for k, tile in enumerate(tiles):
-        grid.paste(tile.resize((side, side), Image.Resampling.NEAREST), (k * side, 0))
+        grid.paste(tile.resize((side, side), Image.Resampling.NEAREST), (k * (side + gap), 0))
     return grid
 
 

@@ -248,14 +248,15 @@ def write_reconstruct_page(run_dir: Path) -> Path | None:
     cells = "".join(
         f"<tr><td>{esc(r['image_id'])}</td><td><img src='{esc(r['target'])}'></td><td><img src='{esc(r['image'])}'></td>"
         f"<td>{r['psnr']:.2f}</td><td>{r['lpips']:.4f}</td><td>{esc(r['source_prompt'])}</td>"
-        f"<td>{esc(r['prompt'])}</td><td>{esc(r.get('negative', ''))}</td></tr>" for r in rows)
+        f"<td>{esc(r.get('edit', ''))}</td><td>{esc(r['prompt'])}</td><td>{esc(r.get('negative', ''))}</td></tr>"
+        for r in rows)
     page = run_dir / "reconstruct.html"
     write_text_atomic(page, (
         "<!doctype html><meta charset='utf-8'><title>reconstruct</title><style>body{font-family:sans-serif}"
         "td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}img{width:128px;image-rendering:pixelated}"
         "</style><h1>Reconstructions</h1><p>PSNR: higher is better; LPIPS: lower is better. "
         f"{len(rows)} results; <a href='reconstructions.jsonl'>reconstructions.jsonl</a></p><table><tr><th>image</th>"
-        "<th>target</th><th>result</th><th>PSNR dB</th><th>LPIPS</th><th>source prompt</th><th>prompt (edit)</th>"
+        "<th>target</th><th>result</th><th>PSNR dB</th><th>LPIPS</th><th>source prompt</th><th>edit</th><th>prompt</th>"
         f"<th>negative</th></tr>{cells}</table>"))
     return page
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer
@@ -145,7 +146,10 @@ def test_ph2p_evaluate_on_demo_prompts_prints_the_table_and_writes_json(tmp_path
     assert rows[0]["oracle_agreement"] > rows[1]["oracle_agreement"]
     assert rows[0]["oracle_similarity"] > rows[1]["oracle_similarity"]
     page = (run / "report.html").read_text()  # the run's report, now with the measures
-    assert "<th>oracle_agreement</th>" in page and all(m["file_name"] in page for m in meta)
+    assert "<td>oracle_agreement</td>" in page and all(m["file_name"] in page for m in meta)
+    mean = summary["means"]["oracle_agreement"]
+    assert f"<td>oracle_agreement</td><td>{mean:.3f}</td><td>higher is better</td>" in page  # the means, with the legend
+    assert "<td>lpips_to_target</td>" in page and "lower is better" in page
 
     bad = subprocess.run([*PH2P, "evaluate", "--config", "configs/evaluate_demo.yaml", f"--prompts={run / 'prompts.jsonl'}",
                           "--clip_model=no-such/clip", "--local_files_only=true"], capture_output=True, text=True)
@@ -163,3 +167,28 @@ def test_evaluate_reports_prompt_perplexity_under_a_language_model(tmp_path, tin
     assert list(rows.values()) == pytest.approx(expected.tolist(), rel=1e-5)
     assert rows["a red star on a white background"] < 3 < rows["caption 0"]  # a caption of the world vs junk
     assert summary["means"]["prompt_perplexity"] == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_a_big_runs_report_links_thumbnails_and_targets_are_centre_cropped(tmp_path, monkeypatch):
+    """Past EMBED_UP_TO images the page links files beside it (no base64 of thousands of images);
+    a wide target is shown centre-cropped, as the model sees it, not squashed."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from ph2p_lit import report
+    from ph2p_lit.runfiles import append_line
+
+    wide = Image.new("RGB", (30, 10))
+    for x, colour in ((0, (255, 0, 0)), (10, (0, 255, 0)), (20, (0, 0, 255))):
+        wide.paste(colour, (x, 0, x + 10, 10))
+    wide.save(tmp_path / "wide.png")
+    for k in range(3):
+        append_line(tmp_path / "prompts.jsonl", {"image_id": f"w{k}.png", "source": str(tmp_path / "wide.png"),
+                                                 "prompt": "a green square", "seconds": 2.0, "unet_evals": 100})
+    monkeypatch.setattr(report, "EMBED_UP_TO", 2)
+    page = report.write_report(tmp_path, SimpleNamespace(resolution=16), {}, images_per_prompt=0).read_text()
+    assert "data:image" not in page and page.count('src="report/targets/') == 3
+    thumbnail = np.asarray(Image.open(tmp_path / "report" / "targets" / "w0.png.png"))  # a.png, a.jpg: no clash
+    assert (thumbnail[..., 1] > 200).all() and (thumbnail[..., [0, 2]] < 60).all()  # only the green middle
+    assert "6 s of inversion in all, 100 U-Net evaluations per image" in page
