@@ -7,6 +7,7 @@ the starting latents and the negative embedding differ.
 import hashlib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -119,6 +120,14 @@ def read_prompts(prompts: list[str] | str) -> list[dict]:
     return [{"image_id": f"prompt_{k:03d}", "prompt": text} for k, text in enumerate(texts)]
 
 
+def grid_names(image_ids: list[str]) -> dict[str, str]:
+    """A grid file name per image id: its stem (img0.png -> img0.png), or, where two ids share a
+    stem (a.png and a.jpg), the whole id (a.png.png, a.jpg.png), so no grid stands for two."""
+    stems = {i: i.rsplit(".", 1)[0].replace("/", "__") for i in image_ids}
+    shared = {s for s, n in Counter(stems.values()).items() if n > 1}
+    return {i: (i.replace("/", "__") if s in shared else s) + ".png" for i, s in stems.items()}
+
+
 def generate_grids(
     prompts: list[str] | str | None = None,
     out: str = "runs/generate",
@@ -168,9 +177,9 @@ def generate_grids(
     listing = out_dir / "generated.jsonl"
     done = {(r.get("image_id"), r.get("prompt"), r.get("settings")) for r in read_jsonl(listing)} if listing.is_file() else set()
     skipped = 0
+    names = grid_names([row["image_id"] for row in rows])
     for row in tqdm(rows, desc="generate", unit="prompt"):  # what it does, how far, an ETA
-        stem = row["image_id"].rsplit(".", 1)[0].replace("/", "__")
-        path = out_dir / f"{stem}.png"
+        path = out_dir / names[row["image_id"]]
         if path.is_file() and (row["image_id"], row["prompt"], settings) in done:
             skipped += 1
             continue

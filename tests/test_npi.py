@@ -199,3 +199,10 @@ def test_compose_chains_concepts_into_one_html_page(tiny_model, image_folder, tm
     assert html.escape(f"{evolved[0]} {concept_prompts[2]}") in text  # stage 2: the evolved prompt and C
     with pytest.raises(InputError, match="two or more"):
         compose(concepts[:1], out=str(tmp_path / "d"), config=str(config))
+
+
+def test_two_images_with_one_stem_get_two_grids():
+    from ph2p_lit.generate import grid_names
+
+    names = grid_names(["a.png", "a.jpg", "sub/b.png", "c.png"])
+    assert names == {"a.png": "a.png.png", "a.jpg": "a.jpg.png", "sub/b.png": "sub__b.png", "c.png": "c.png"}
