@@ -4,7 +4,6 @@ The module holds the math; these hold what is watched, kept and written. Each is
 callback switched on or off in the config's trainer.callbacks.
 """
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from .generate import generate
-from .runfiles import RunLock, append_line, read_jsonl, write_text_atomic
+from .runfiles import RunLock, append_line, merge_rank_files, read_jsonl
 from .similarity import load_similarity
 
 
@@ -142,16 +141,8 @@ class ResultsWriter(L.Callback):
         """Fold the other ranks' files into prompts.jsonl (sorted, one line per image), atomically.
         Also on one process: a DDP run resumed on a single device finds the other ranks' files."""
         trainer.strategy.barrier()
-        if not trainer.is_global_zero:
-            return
-        final = self.run_dir / "prompts.jsonl"
-        rank_files = sorted(self.run_dir.glob("prompts.rank*.jsonl"))
-        if not rank_files:
-            return
-        rows = {r["image_id"]: r for path in [final, *rank_files] if path.is_file() for r in read_jsonl(path)}
-        write_text_atomic(final, "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
-        for path in rank_files:
-            path.unlink()
+        if trainer.is_global_zero:
+            merge_rank_files(self.run_dir / "prompts.jsonl", key=lambda row: row["image_id"])
 
     def prompts_path(self, trainer) -> Path:
         # One file per rank while running; rank 0's name is the plain one.

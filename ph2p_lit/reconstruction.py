@@ -24,7 +24,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .attention import heat_grid, prompt_tokens, token_attention
 from .backbone import Backbone
-from .runfiles import append_line, read_jsonl, write_text_atomic
+from .runfiles import append_line, merge_rank_files, read_jsonl, write_text_atomic
 from .errors import InputError
 from .inversion import _DTYPES
 from .generate import strength_steps, to_uint8
@@ -231,6 +231,8 @@ class ReconstructionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer, pl_module):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
+            # One line per image and setting, every rank's, in reconstructions.jsonl.
+            merge_rank_files(self.run_dir / "reconstructions.jsonl", key=lambda r: (r["image_id"], r.get("settings", "")))
             print_reconstructions(self.run_dir)
             page = write_reconstruct_page(self.run_dir)
             if page:

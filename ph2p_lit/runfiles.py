@@ -76,6 +76,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise _write_error(path, e) from None
 
 
+def merge_rank_files(final: Path, key) -> None:
+    """Fold the other ranks' files (final's name with .rank<N> before .jsonl) into `final`: sorted,
+    one line per key(row), written atomically, then the rank files removed. Run on one process
+    too: a DDP run resumed on a single device finds the other ranks' files."""
+    rank_files = sorted(final.parent.glob(f"{final.stem}.rank*.jsonl"))
+    if not rank_files:
+        return
+    rows = {key(r): r for path in [final, *rank_files] if path.is_file() for r in read_jsonl(path)}
+    write_text_atomic(final, "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
+    for path in rank_files:
+        path.unlink()
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     rows = []
     for line in Path(path).read_text().splitlines():

@@ -206,3 +206,21 @@ def test_two_images_with_one_stem_get_two_grids():
 
     names = grid_names(["a.png", "a.jpg", "sub/b.png", "c.png"])
     assert names == {"a.png": "a.png.png", "a.jpg": "a.jpg.png", "sub/b.png": "sub__b.png", "c.png": "c.png"}
+
+
+def test_reconstruct_folds_another_ranks_lines_into_one_file(tiny_model, image_folder, tmp_path):
+    """A DDP run's reconstructions.rank1.jsonl reaches reconstructions.jsonl (it stayed apart before)."""
+    from ph2p_lit.runfiles import append_line
+
+    prompts = _invert(tiny_model, image_folder, tmp_path / "inv")
+    out = tmp_path / "rec"
+    out.mkdir()
+    append_line(out / "reconstructions.rank1.jsonl", {"image_id": "from_rank1.png", "settings": "x", "psnr": 1.0,
+                                                      "lpips": 0.5, "seconds": 1.0, "prompt": "p", "negative": "prompt",
+                                                      "guidance": 7.5, "steps": 2})
+    result = subprocess.run(PH2P + ["reconstruct", f"--model.model={tiny_model}", "--model.steps=2",
+                                    "--model.lpips_backbone=random", f"--data.prompts={prompts}",
+                                    f"--trainer.default_root_dir={out}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = [r["image_id"] for r in read_jsonl(out / "reconstructions.jsonl")]
+    assert "from_rank1.png" in ids and len(ids) == 4 and not (out / "reconstructions.rank1.jsonl").exists()
