@@ -113,12 +113,13 @@ class ImageFiles(Dataset):
 
     def __init__(self, items: list[dict], resolution: int):
         self.items, self.resolution = items, resolution
+        self.ids = [item["image_id"] for item in items]  # built once: planning reads it per image
 
     def __len__(self) -> int:
         return len(self.items)
 
     def image_ids(self) -> list[str]:
-        return [item["image_id"] for item in self.items]
+        return self.ids
 
     def __getitem__(self, i: int) -> dict:
         item = self.items[i]
@@ -471,9 +472,10 @@ class ImageDataModule(L.LightningDataModule):
         todo = self.todo_indices()
         consumed = self.resumed_batches()
         flying, repeats_left = self._in_flight_at_checkpoint(todo, consumed)
-        index = {image_id: i for i, image_id in enumerate(self.images.image_ids())}
+        ids_of = self.images.image_ids()
+        index = {image_id: i for i, image_id in enumerate(ids_of)}
         flying_ids = {image_id for batch in flying for image_id in batch}
-        rest = [i for i in todo if self.images.image_ids()[i] not in flying_ids]
+        rest = [i for i in todo if ids_of[i] not in flying_ids]
         plans = []
         for r in range(world):  # every rank's plan: each rank saves them all (rank 0's checkpoint is read by all)
             batches = rank_batches(rest, size, world, r) if rest else []
@@ -482,7 +484,6 @@ class ImageDataModule(L.LightningDataModule):
             first = [index[i] for i in flying[r]] or (batches or [todo[-1:]])[0]
             head = [(first, repeats_left)] if repeats_left and first else []
             plans.append(head + [(batch, steps) for batch in batches])
-        ids_of = self.images.image_ids()
         self._plans = [[([ids_of[i] for i in batch], n) for batch, n in plan] for plan in plans]
         self._consumed = consumed
         sampler = RepeatedBatches(plans[self._rank()], consumed=consumed)
