@@ -71,7 +71,7 @@ class BatchedLBFGS(torch.optim.Optimizer):
             state["n_iter"][rows] = 0
 
     def _init_state(self, B: int, N: int, device, dtype) -> dict:
-        H = self.defaults["history_size"]
+        H = self.param_groups[0]["history_size"]
         state = self.state[self._param]
         if "S" not in state:
             state.update(
@@ -124,7 +124,7 @@ class BatchedLBFGS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure):
-        g = self.defaults
+        g = self.param_groups[0]  # not self.defaults: a scheduler or a restored state changes the group
         p = self._param
         B = p.shape[0]
         with torch.enable_grad():

@@ -54,9 +54,11 @@ def load_lpips(net: str, backbone_weights: Literal["pretrained", "random"]):
     import lpips
 
     check_lpips_weights(net, backbone_weights)
-    torch.manual_seed(0)  # a random backbone is the same one every run
-    with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
-        warnings.simplefilter("ignore", UserWarning)
+    # A random backbone is the same one every run; seeded in a forked RNG so the caller's random
+    # stream is left as it was.
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(0)
+        warnings.simplefilter("ignore", UserWarning)  # lpips calls torchvision's deprecated `pretrained=`
         metric = lpips.LPIPS(net=net, pnet_rand=backbone_weights == "random", verbose=False)
     return metric.eval().requires_grad_(False)
 

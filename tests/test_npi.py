@@ -224,3 +224,13 @@ def test_reconstruct_folds_another_ranks_lines_into_one_file(tiny_model, image_f
     assert result.returncode == 0, result.stderr[-2000:]
     ids = [r["image_id"] for r in read_jsonl(out / "reconstructions.jsonl")]
     assert "from_rank1.png" in ids and len(ids) == 4 and not (out / "reconstructions.rank1.jsonl").exists()
+
+
+def test_loading_lpips_leaves_the_callers_random_stream_alone():
+    from ph2p_lit.reconstruction import load_lpips
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_lpips("alex", "random")
+    assert torch.equal(torch.rand(3), expected)

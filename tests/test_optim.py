@@ -108,3 +108,24 @@ def test_ph2p_step_takes_max_iter_gradient_steps():
     first = opt.step(closure)
     assert torch.allclose(X.detach(), expected, atol=1e-6)
     assert torch.allclose(first, torch.stack([f(x0[i], i) for i in range(3)]))
+
+
+def test_lbfgs_follows_its_param_group_not_its_defaults():
+    """A scheduler (or a restored state) writes the param group: a changed lr must change the step."""
+    f, x0 = _problem()
+    rows = [0]
+
+    def one_step(lr_after):
+        X = x0[rows].clone().requires_grad_(True)
+        opt = BatchedLBFGS(X, lr=1.0, max_iter=1)
+        opt.param_groups[0]["lr"] = lr_after
+
+        def closure():
+            opt.zero_grad()
+            loss = f(X[0], 0).unsqueeze(0)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        return (X.detach() - x0[rows]).norm()
+
+    assert one_step(0.1) < 0.5 * one_step(1.0)
