@@ -7,6 +7,7 @@ stable slice of the images; each batch is repeated `steps` times, one optimiser 
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import lightning as L
@@ -108,7 +109,27 @@ def find_images(root: Path) -> tuple[list[Path], list[dict]]:
     return sorted(paths), failures
 
 
-class ImageFiles(Dataset):
+class DecodedOnce(Dataset):
+    """A dataset that keeps its most recently loaded items: a batch is asked for once per
+    optimiser step, and decoding a large image at every step costs more than the step."""
+
+    keep = 64  # items kept; the DataModule sets it to its batch size
+
+    def __getitem__(self, i: int) -> dict:
+        cache = self.__dict__.setdefault("_recent", OrderedDict())
+        if i in cache:
+            cache.move_to_end(i)
+            return cache[i]
+        item = cache[i] = self.load(i)
+        while len(cache) > self.keep:
+            cache.popitem(last=False)
+        return item
+
+    def load(self, i: int) -> dict:
+        raise NotImplementedError
+
+
+class ImageFiles(DecodedOnce):
     """Images on disk with optional captions; ids are paths relative to their root."""
 
     def __init__(self, items: list[dict], resolution: int):
@@ -121,7 +142,7 @@ class ImageFiles(Dataset):
     def image_ids(self) -> list[str]:
         return self.ids
 
-    def __getitem__(self, i: int) -> dict:
+    def load(self, i: int) -> dict:
         item = self.items[i]
         with Image.open(item["source"]) as image:
             pixels = to_pixels(image, self.resolution)
@@ -131,7 +152,7 @@ class ImageFiles(Dataset):
             return {**item, "pixels": pixels, "negative_pixels": to_pixels(image, self.resolution)}
 
 
-class HFImages(Dataset):
+class HFImages(DecodedOnce):
     """A Hugging Face `datasets` dataset with an image column and an optional caption column."""
 
     def __init__(self, dataset, image_column: str, caption_column: str | None, name: str, resolution: int):
@@ -163,7 +184,7 @@ class HFImages(Dataset):
     def image_ids(self) -> list[str]:
         return self.ids
 
-    def __getitem__(self, i: int) -> dict:
+    def load(self, i: int) -> dict:
         row = self.dataset[i]
         caption = row.get(self.caption_column) if self.caption_column else None
         return {
@@ -487,6 +508,7 @@ class ImageDataModule(L.LightningDataModule):
         self._plans = [[([ids_of[i] for i in batch], n) for batch, n in plan] for plan in plans]
         self._consumed = consumed
         sampler = RepeatedBatches(plans[self._rank()], consumed=consumed)
+        self.images.keep = size  # a batch is decoded once, not at each of its steps
         return DataLoader(self.images, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers)
 
     def _in_flight_at_checkpoint(self, todo: list[int], consumed: int) -> tuple[list[list[str]], int]:

@@ -130,3 +130,21 @@ def test_a_very_large_image_is_resized(tmp_path):
     pixels = dm.images[0]["pixels"]
     assert pixels.shape == (3, 16, 16) and not dm.failures
     assert abs(float(pixels[0].mean()) - (200 / 127.5 - 1)) < 0.02
+
+
+def test_each_image_is_decoded_once_per_batch_not_once_per_step(tiny_model, image_folder, tmp_path, monkeypatch):
+    import lightning as L
+
+    import ph2p_lit.data as data_module
+    from ph2p_lit.callbacks import ResultsWriter
+    from ph2p_lit.inversion import PromptInversion
+
+    opened = []
+    real_open = data_module.Image.open
+    monkeypatch.setattr(data_module.Image, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    module = PromptInversion(model=tiny_model, prompt_length=2, steps=5, max_iter=1, init_prompt=None, batch_size=2)
+    data = ImageDataModule(root=image_folder, steps=5, model=tiny_model, batch_size=2)
+    L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, callbacks=[ResultsWriter()]).fit(module, datamodule=data)
+    for i in range(4):  # one open to check the file at set-up, one to decode it for its batch
+        assert opened.count(f"{image_folder}/img{i}.png") == 2
