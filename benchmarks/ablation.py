@@ -18,31 +18,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ph2p_lit import invert
 from ph2p_lit.backbone import Backbone
-from ph2p_lit.runfiles import read_jsonl
-from ph2p_lit.cli import invert
-from ph2p_lit.demo.evaluate import agreement, oracle_reads, prompt_scores, summarise_prompt_scores
+from ph2p_lit.demo.evaluate import (
+    agreement,
+    oracle_reads,
+    prompt_scores,
+    summarise_prompt_scores,
+)
 from ph2p_lit.demo.oracle import AttributeOracle
 from ph2p_lit.demo.world import export_imagefolder
+from ph2p_lit.runs import read_jsonl
 
-VARIANTS = {  # name: extra `ph2p invert` options on top of configs/demo.yaml
-    "PH2P update + window [100, 900) (default)": [],
-    "Adam + window": ["--model.optimizer=adam", "--model.lr=0.05", "--model.steps=150"],
-    "PH2P update + all t": ["--model.all_timesteps=true"],
-    "Adam + all t": ["--model.optimizer=adam", "--model.lr=0.05", "--model.steps=150", "--model.all_timesteps=true"],
+ADAM = {"optimizer": "adam", "lr": 0.05, "steps": 150}
+VARIANTS = {  # name: model settings on top of configs/demo.yaml
+    "PH2P update + window [100, 900) (default)": {},
+    "Adam + window": ADAM,
+    "PH2P update + all t": {"all_timesteps": True},
+    "Adam + all t": {**ADAM, "all_timesteps": True},
     # Not in the paper's table: the authors' best-prompt criterion (CLIP; here the oracle) vs the loss.
-    "PH2P update + window, best prompt by oracle": ["--select_by=oracle"],
+    "PH2P update + window, best prompt by oracle": {"selection": {"select_by": "oracle", "every_n_steps": 5}},
 }
-
-
-def callbacks(select_by: str) -> str:
-    """The results writer, and for an image-based criterion the tracker that selects by it (the
-    module keeps the lowest-loss prompt itself)."""
-    writer = "{class_path: ph2p_lit.callbacks.ResultsWriter}"
-    if select_by == "loss":
-        return f"--trainer.callbacks=[{writer}]"
-    tracker = f"{{every_n_steps: 5, select_by: {select_by}}}"
-    return f"--trainer.callbacks=[{{class_path: ph2p_lit.callbacks.BestPromptTracker, init_args: {tracker}}}, {writer}]"
 
 
 def main() -> None:
@@ -62,12 +58,9 @@ def main() -> None:
         for seed in args.seeds:
             run = work / f"variant{k}_seed{seed}"
             if not (run / "prompts.jsonl").is_file() or len(read_jsonl(run / "prompts.jsonl")) < args.n:
-                select_by = "oracle" if "--select_by=oracle" in extra else "loss"
                 # Table 4 ablates the continuous phase: the demo config of that table, without the refinement.
-                invert(["--config=configs/demo.yaml", "--model.refinement=null", "--model.steps=40",
-                        f"--data.root={images}", f"--trainer.default_root_dir={run}",
-                        f"--model.seed={seed}", "--trainer.enable_progress_bar=false", callbacks(select_by),
-                        *[e for e in extra if not e.startswith("--select_by")]])
+                invert(images, config="demo", run_dir=run, trainer={"enable_progress_bar": False, "callbacks": []},
+                       model={"refinement": None, "steps": 40, "seed": seed, **extra})
             rows = read_jsonl(run / "prompts.jsonl")
             scores = summarise_prompt_scores([prompt_scores(r["prompt"], truth[r["image_id"]]) for r in rows])
             # The paper's Table 4 measures images generated from the prompts (CLIP); here the oracle
@@ -90,7 +83,7 @@ def main() -> None:
 
         per = " / ".join(f"{100 * np.mean([s[f'{a}_present'] for s in runs]):.0f}"
                          for a in ("colour", "shape", "background"))
-        print(f"| {name} | `{' '.join(extra)}` | {stat('content_words_present')} | {stat('content_words_exact')} | "
+        print(f"| {name} | `{json.dumps(extra) if extra else 'demo'}` | {stat('content_words_present')} | {stat('content_words_exact')} | "
               f"{per} | {stat('oracle_agreement')} |")
     print(f"\nwork folder: {work}")
 

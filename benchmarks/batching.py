@@ -17,9 +17,9 @@ import yaml
 
 from ph2p_lit.backbone import DEMO_MODEL
 from ph2p_lit.callbacks import ResultsWriter
-from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.data import ImageDataModule
 from ph2p_lit.inversion import PromptInversion
+from ph2p_lit.runs import read_jsonl
 
 
 def run(batch_size: int, images: int, steps: int, out: Path) -> tuple[float, dict]:

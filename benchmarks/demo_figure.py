@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from ph2p_lit.backbone import Backbone
-from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.generate import generate
+from ph2p_lit.runs import read_jsonl
 
 
 def main() -> None:

@@ -13,11 +13,16 @@ from pathlib import Path
 import torch
 
 from ph2p_lit.backbone import Backbone
-from ph2p_lit.runfiles import read_jsonl
-from ph2p_lit.cli import invert
-from ph2p_lit.demo.evaluate import agreement, oracle_reads, prompt_scores, summarise_prompt_scores
+from ph2p_lit.demo.evaluate import (
+    agreement,
+    oracle_reads,
+    prompt_scores,
+    summarise_prompt_scores,
+)
 from ph2p_lit.demo.oracle import AttributeOracle
 from ph2p_lit.demo.world import CONTENT_ATTRIBUTES, export_imagefolder
+from ph2p_lit.lightning_cli import run_inversion as invert
+from ph2p_lit.runs import read_jsonl
 
 
 def main() -> None:

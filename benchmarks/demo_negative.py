@@ -18,9 +18,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ph2p_lit.runfiles import read_jsonl
-from ph2p_lit.cli import invert
-from ph2p_lit.demo.world import ATTRIBUTE_VALUES, CONTENT_ATTRIBUTES, attributes_in_text, render, sample_scene
+from ph2p_lit.demo.world import (
+    ATTRIBUTE_VALUES,
+    CONTENT_ATTRIBUTES,
+    attributes_in_text,
+    render,
+    sample_scene,
+)
+from ph2p_lit.lightning_cli import run_inversion as invert
+from ph2p_lit.runs import read_jsonl
 
 
 def write_pairs(root: Path, n: int, seed: int, shared: str) -> list[dict]:

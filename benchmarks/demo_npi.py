@@ -21,12 +21,13 @@ import torch
 from PIL import Image
 
 from ph2p_lit.backbone import Backbone
-from ph2p_lit.runfiles import read_jsonl
-from ph2p_lit.cli import invert, reconstruct
 from ph2p_lit.demo.evaluate import attention_iou
 from ph2p_lit.demo.oracle import AttributeOracle
 from ph2p_lit.demo.train import to_tensor
 from ph2p_lit.demo.world import COLOURS, CONTENT_ATTRIBUTES, export_imagefolder
+from ph2p_lit.lightning_cli import run_inversion as invert
+from ph2p_lit.lightning_cli import run_reconstruction as reconstruct
+from ph2p_lit.runs import read_jsonl
 
 COLOUR_CYCLE = dict(zip(COLOURS, list(COLOURS)[1:] + list(COLOURS)[:1]))  # red->green, green->blue, ...
 

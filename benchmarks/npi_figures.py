@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ph2p_lit.runfiles import read_jsonl
+from ph2p_lit.runs import read_jsonl
 
 TILE = 96
 

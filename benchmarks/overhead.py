@@ -16,10 +16,11 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from torch.utils.data import default_collate
 
 from ph2p_lit.backbone import DEMO_MODEL
 from ph2p_lit.callbacks import PromptLogger, PromptProgressBar, ResultsWriter
-from ph2p_lit.data import ImageDataModule, collate
+from ph2p_lit.data import ImageDataModule
 from ph2p_lit.inversion import PromptInversion
 
 ROOT = str(Path(DEMO_MODEL).parent / "images")
@@ -74,7 +75,7 @@ def main() -> None:
     module = module_for(args.steps)
     data = ImageDataModule(root=ROOT, batch_size=8, steps=args.steps)
     data.setup()
-    batch = collate([data.images[i] for i in range(len(data.images))])
+    batch = default_collate([data.images[i] for i in range(len(data.images))])
     work = Path(tempfile.mkdtemp(prefix="ph2p_overhead_"))
     times = {"bare loop": [], "Trainer, no callbacks": [], "Trainer, demo callbacks": []}
     for r in range(args.repeats):

@@ -23,7 +23,7 @@ import torch
 from ph2p_lit.demo.evaluate import prompt_scores, summarise_prompt_scores, token_shares
 from ph2p_lit.demo.world import CONTENT_ATTRIBUTES, export_imagefolder
 from ph2p_lit.language_prior import LanguagePrior
-from ph2p_lit.runfiles import read_jsonl
+from ph2p_lit.runs import read_jsonl
 
 CHECK = ["--model.refinement.check_draws=32"]
 NO_PRIOR = ["--model.refinement.language_model=null"]
@@ -55,11 +55,11 @@ VARIANTS = {
 
 
 def run_variant(name: str, images: Path, run: Path, extra: list[str]) -> None:
-    from ph2p_lit.cli import invert
+    from ph2p_lit.lightning_cli import run_inversion as invert
 
     torch.set_num_threads(2)
     invert(["--config=configs/demo.yaml", f"--data.root={images}", f"--trainer.default_root_dir={run}",
-            "--trainer.callbacks=[{class_path: ph2p_lit.callbacks.ResultsWriter}]", "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false",
             *VARIANTS[name], *extra])
 
 

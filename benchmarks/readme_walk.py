@@ -41,7 +41,7 @@ SMALL = {
     "reconstruct": ["--model.steps=3"],
     "generate": ["--steps=2", "--images_per_prompt=2"],
     "evaluate": ["--steps=2", "--images_per_prompt=1"],
-    "compose": ["--steps=2", "--images_per_prompt=1", "--invert_overrides=[--model.steps=2, --model.refinement=null]"],
+    "compose": ["--steps=2", "--images_per_prompt=1", "--invert_settings={model: {steps: 2, refinement: null}}"],
 }
 
 
@@ -120,7 +120,7 @@ def main() -> None:
     folder = Path(args.folder or tempfile.mkdtemp(prefix="readme_walk_"))
     folder.mkdir(parents=True, exist_ok=True)
     results = walk(folder, args.small)
-    print(f"| README command | outcome |\n|---|---|")
+    print("| README command | outcome |\n|---|---|")
     for command, outcome in results:
         print(f"| `{command}` | {outcome} |")
     if any(outcome.startswith("FAILED") for _, outcome in results):

@@ -67,8 +67,8 @@ def main() -> None:
     images = work / "images"  # apart from the runs' outputs, which are images too
     images.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(images / "photo.png")
-    print(f"| model | dtype | tier | parameters (U-Net / text / VAE) | invert s/image | U-Net evals | "
-          f"peak RSS GiB | s per fwd+bwd | reconstruct s | generate s |")
+    print("| model | dtype | tier | parameters (U-Net / text / VAE) | invert s/image | U-Net evals | "
+          "peak RSS GiB | s per fwd+bwd | reconstruct s | generate s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model = Path(args.folder) / name
@@ -85,7 +85,7 @@ def main() -> None:
                  "--model.eval_draws=1", "--model.refinement=null", f"--data.root={images}",
                  f"--data.resolution={args.resolution}", f"--trainer.default_root_dir={out}",
                  "--trainer.enable_progress_bar=false",  # and no report: it would generate at full size
-                 "--trainer.callbacks=[{class_path: ph2p_lit.callbacks.ResultsWriter}]"])
+                 "--trainer.callbacks=[]"])
             (record,) = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
             reconstruct = generate = float("nan")
             if tier == "none":

@@ -20,7 +20,12 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from .backbone import DEMO_MODEL
 

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 
@@ -188,6 +193,10 @@ class Backbone:
         """Each text encoder's slice of the joint embedding width."""
         edges = [0, *torch.tensor(self._widths).cumsum(0).tolist()]
         return list(zip(edges[:-1], edges[1:]))
+
+    def per_encoder(self, embeds: torch.Tensor) -> list[torch.Tensor]:
+        """A joint token embedding (..., D1 [+ D2]) as each text encoder's own part."""
+        return [embeds[..., lo:hi] for lo, hi in self._parts()]
 
     # ---- encoders ----
     @torch.no_grad()

@@ -1,19 +1,18 @@
-"""Side effects of an inversion run: hard-prompt logging, best-prompt tracking, result files, progress.
+"""What an inversion run writes and shows: the results writer, the hard-prompt trace, progress.
 
-The module holds the math; these hold what is watched, kept and written. Each is a Lightning
-callback switched on or off in the config's trainer.callbacks.
+The module holds the algorithm (PromptInversion: the prompts, their losses, the best, early
+stopping, refinement, selection); these only observe it and write or show what it returns, so
+their order in trainer.callbacks does not matter.
 """
 
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from safetensors.torch import save_file
 
-from .generate import generate
-from .runfiles import RunLock, append_line, merge_rank_files, read_jsonl
-from .similarity import load_similarity
+from .runs import RunFolder, append_line, file_name, read_jsonl, save_atomic
 
 
 class PromptLogger(L.Callback):
@@ -35,79 +34,26 @@ class PromptLogger(L.Callback):
             append_line(run_dir / f"trace.rank{trainer.global_rank}.jsonl", record)
 
 
-class BestPromptTracker(L.Callback):
-    """Choose each image's prompt by the image generated from it, as the authors' code does,
-    instead of by the loss (the module keeps the lowest-loss prompt itself).
-
-    Every `every_n_steps` (and at the first and last step) the projected prompts are scored by
-    `select_by`: "clip", the CLIP similarity between the target and an image generated from the
-    prompt (`clip_model` names the CLIPModel), or "oracle", the demo world's attribute oracle in
-    CLIP's place. Generation uses `generation_steps` DDIM steps and CFG `guidance` from the same
-    noise for every prompt, so each scoring costs a generation. The chosen prompt replaces
-    `prompt`; the module's (refined) one is kept as `loss_prompt`.
-    """
-
-    def __init__(
-        self,
-        every_n_steps: int = 10,
-        select_by: Literal["clip", "oracle"] = "clip",
-        clip_model: str = "openai/clip-vit-large-patch14",
-        generation_steps: int = 20,
-        guidance: float = 7.5,
-        local_files_only: bool = False,
-    ):
-        self.every_n_steps, self.select_by, self.clip_model = every_n_steps, select_by, clip_model
-        self.generation_steps, self.guidance, self.local_files_only = generation_steps, guidance, local_files_only
-        self.similarity = None
-        self.best: dict[str, dict] = {}
-
-    def setup(self, trainer, pl_module, stage):
-        if self.similarity is None:
-            self.similarity = load_similarity(self.select_by, self.clip_model, pl_module.device, self.local_files_only)
-
-    def _update(self, pl_module, targets: torch.Tensor) -> None:
-        ids = pl_module.current_ids()
-        prompts = [pl_module.vocab.decode(row) for row in ids.tolist()]
-        generated = generate(pl_module.backbone, prompts, self.generation_steps, self.guidance, shared_noise=True)
-        similarity = self.similarity(targets[: len(prompts)], generated).tolist()
-        for image_id, row, score in zip(pl_module.image_ids, ids.tolist(), similarity):
-            best = self.best.get(image_id)
-            if best is None or score > best["similarity"]:
-                self.best[image_id] = {"similarity": score, "ids": row, "step": pl_module.step_in_batch}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if not outputs:
-            return
-        if pl_module.step_in_batch % self.every_n_steps == 0 or pl_module.step_in_batch == 1 or outputs["finished"]:
-            self._update(pl_module, batch["pixels"])
-        for record in outputs["finished"]:
-            best = self.best.pop(record["image_id"])
-            record.update(prompt=pl_module.vocab.decode(best["ids"]), token_ids=best["ids"], loss_prompt=record["prompt"],
-                          selected_by=self.select_by, best_similarity=best["similarity"], selected_step=best["step"])
-
-    def state_dict(self) -> dict:
-        return {"best": self.best}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.best = state_dict["best"]
-
-
 class ResultsWriter(L.Callback):
-    """Write `prompts.jsonl` (one line per image, as each finishes), `failures.jsonl` and the
-    textual-inversion file of the soft prompts into the run folder.
+    """Write each finished image's line in `prompts.jsonl` (one file per rank while running,
+    merged at the end), its continuous prompt as a textual-inversion file in `embeddings/`, and
+    the images that could not be read in `failures.jsonl`; hold the run folder's lock.
 
-    dirpath: the run folder; None uses the trainer's default_root_dir.
+    The module adds this callback itself (configure_callbacks), so a trainer.callbacks list
+    without it still writes every result.
+
+    The embedding file is diffusers' format: `{"<token>": (L, D)}` for one text encoder,
+    `{"clip_l": ..., "clip_g": ...}` for SDXL's two; `pipe.load_textual_inversion(path)` adds the
+    token `<file name of the image>`, which then stands for the image's L soft vectors in a prompt.
     """
 
-    def __init__(self, dirpath: str | None = None):
-        self.dirpath = dirpath
-        self.lock: RunLock | None = None
+    def __init__(self):
+        self.lock = None  # taken in setup; an error before it has nothing to release
 
     def setup(self, trainer, pl_module, stage):
-        self.run_dir = Path(self.dirpath or trainer.default_root_dir)
-        self.lock = RunLock(self.run_dir)
-        if trainer.is_global_zero:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = RunFolder(trainer.default_root_dir)
+        self.lock = self.run.lock() if trainer.is_global_zero else None
+        if self.lock is not None:
             self.lock.acquire()
 
     def teardown(self, trainer, pl_module, stage):
@@ -121,7 +67,7 @@ class ResultsWriter(L.Callback):
     def on_train_start(self, trainer, pl_module):
         failures = getattr(trainer.datamodule, "failures", []) if trainer.datamodule else []
         if trainer.is_global_zero:
-            path = self.run_dir / "failures.jsonl"
+            path = self.run.path / "failures.jsonl"
             listed = {(f.get("image_id"), f.get("error")) for f in read_jsonl(path)} if path.is_file() else set()
             for failure in failures:  # a resumed run finds the same bad files again: list each once
                 if (failure["image_id"], failure["error"]) not in listed:
@@ -133,21 +79,25 @@ class ResultsWriter(L.Callback):
             return
         keys = [k for k in ("source", "caption", "negative_source") if k in batch]
         by_id = {image_id: k for k, image_id in enumerate(batch["image_id"])}
-        for record in outputs["finished"]:
+        for j, record in enumerate(outputs["finished"]):
             k = by_id[record["image_id"]]
-            append_line(self.prompts_path(trainer), {**record, **{key: batch[key][k] for key in keys}})
+            embedding = self.save_embedding(pl_module.backbone, record["image_id"], outputs["soft_prompts"][j])
+            self.run.append("prompts", {**record, **{key: batch[key][k] for key in keys}, "embedding": embedding},
+                            trainer.global_rank)
+
+    def save_embedding(self, backbone, image_id: str, soft_prompt: torch.Tensor) -> str:
+        path = self.run.image_file("embeddings", image_id, ".safetensors")
+        parts = [p.contiguous().clone() for p in backbone.per_encoder(soft_prompt.float())]
+        tensors = {f"<{file_name(image_id)}>": parts[0]} if len(parts) == 1 else {"clip_l": parts[0], "clip_g": parts[1]}
+        save_atomic(path, lambda tmp: save_file(tensors, tmp))
+        return path.relative_to(self.run.path).as_posix()
 
     def on_train_end(self, trainer, pl_module):
         """Fold the other ranks' files into prompts.jsonl (sorted, one line per image), atomically.
         Also on one process: a DDP run resumed on a single device finds the other ranks' files."""
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            merge_rank_files(self.run_dir / "prompts.jsonl", key=lambda row: row["image_id"])
-
-    def prompts_path(self, trainer) -> Path:
-        # One file per rank while running; rank 0's name is the plain one.
-        rank = trainer.global_rank
-        return self.run_dir / ("prompts.jsonl" if rank == 0 else f"prompts.rank{rank}.jsonl")
+            self.run.merge("prompts")
 
 
 class PromptProgressBar(TQDMProgressBar):

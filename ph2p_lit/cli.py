@@ -1,212 +1,37 @@
-"""The `ph2p` command: `invert` (LightningCLI over PromptInversion + ImageDataModule) and
-`train-demo` (the shipped demo model's training).
+"""The `ph2p` command: one subcommand per job, each a thin door to its module.
 
 Usage: ph2p invert --config configs/demo.yaml [--model.* ...] [--data.* ...] [--trainer.* ...]
 """
 
 import argparse
-import difflib
 import inspect
-import pickle
-import re
 import sys
-from pathlib import Path
 
 from jsonargparse import CLI
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningCLI
 
+from .compose import compose as compose_concepts
 from .configs import with_packaged_configs
-from .runfiles import read_jsonl
-from .data import ImageDataModule
-from .demo.caption_lm import train_caption_lm as _train_caption_lm
+from .demo.caption_lm import train_caption_lm as train_caption_model
+from .demo.train import train_demo as train_demo_model
 from .errors import InputError
-from .inversion import PromptInversion
+from .evaluation import evaluate as evaluate_run
+from .generate import generate_grids
+from .lightning_cli import (
+    DESCRIPTIONS,
+    argument_error,
+    run_inversion,
+    run_reconstruction,
+)
 
 COMMANDS = {
-    "invert": "recover a prompt per image (PH2P); writes prompts.jsonl in the run folder",
-    "reconstruct": "rebuild or edit images from their prompts (negative-prompt inversion), with PSNR/LPIPS",
+    **DESCRIPTIONS,
     "generate": "images from prompts, several seeds each, one grid per prompt",
     "evaluate": "measure a run's prompts: CLIP, LPIPS, BERTScore (and the demo world's oracle)",
     "compose": "compose concepts: invert A and B, join prompts, generate, invert again, add C (HTML)",
     "train-demo": "train the demo model and its oracle on the procedural world",
     "train-caption-lm": "train the demo world's caption language model (the demo's language prior)",
 }
-
-IMAGE_SOURCES = ("root", "files", "dataset", "prompts", "prompt")  # data.* keys that say which images
-
-DEFAULT_CALLBACKS = [
-    {"class_path": "ph2p_lit.callbacks.ResultsWriter"},
-    {"class_path": "ph2p_lit.callbacks.PromptLogger"},
-    {"class_path": "ph2p_lit.callbacks.PromptProgressBar"},
-    {"class_path": "ph2p_lit.report.HTMLReport"},  # after ResultsWriter: it reads the merged results
-]
-
-
-def argument_error(command: str, e: argparse.ArgumentError, options: list[str]) -> InputError:
-    """A parser's error as one line: what was wrong, the nearest option to a mistyped one, where
-    the options are listed (not sixty lines of usage first)."""
-    text = " ".join(str(e).split())  # jsonargparse puts the reason on the lines after the key
-    text = text if len(text) <= 300 else text[:300] + " ..."
-    typed = re.search(r"unrecognized arguments: (--[^\s=]+)", text)
-    near = difflib.get_close_matches(typed.group(1), options, n=1) if typed else []
-    hint = f" (did you mean {near[0]}?)" if near else ""
-    return InputError(f"{text}{hint}; `ph2p {command} --help` lists the options")
-
-
-class ParsingCLI(LightningCLI):
-    """LightningCLI whose parse errors are one line (see argument_error)."""
-
-    command = "invert"
-
-    def parse_arguments(self, parser, args) -> None:
-        # `args` always comes from `main`, so Lightning's warning about sys.argv beside it is noise.
-        # A source of images named on the command line replaces the config's: `--config
-        # configs/demo.yaml --data.files list.txt` means these files, not the demo folder too.
-        args = with_packaged_configs(args)
-        named = {a[len("--data."):].split("=")[0] for a in args if a.startswith("--data.")} & set(IMAGE_SOURCES)
-        if named:
-            args = args + [f"--data.{key}=null" for key in IMAGE_SOURCES
-                           if key not in named and f"--data.{key}" in parser._option_string_actions]
-        try:
-            self.config = parser.parse_args(args)
-        except argparse.ArgumentError as e:
-            raise argument_error(self.command, e, list(parser._option_string_actions)) from None
-
-
-def options_before_trainer(parser) -> None:
-    """--help lists the model's and data's options first, Lightning's trainer flags after them."""
-    def is_trainers(group) -> bool:
-        return any(a.dest.startswith("trainer") for a in group._group_actions)
-
-    parser._action_groups.sort(key=is_trainers)
-    for group in filter(is_trainers, parser._action_groups):
-        group.title = "Lightning's Trainer (--trainer.*): devices, precision, callbacks, the run folder"
-
-
-def parser_settings(command: str) -> dict:
-    return {"prog": f"ph2p {command}", "exit_on_error": False, "description": COMMANDS[command],
-            "usage": f"ph2p {command} [--config FILE] [--model.KEY VALUE] [--data.KEY VALUE] [--trainer.KEY VALUE]"}
-
-
-class InversionCLI(ParsingCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="checkpoint to resume from: a file, or 'last' for the run folder's newest")
-        # One source of truth for values the model and the data both need.
-        parser.link_arguments("model.steps", "data.steps")
-        parser.link_arguments("data.batch_size", "model.batch_size")
-        parser.link_arguments("model.model", "data.model")
-        parser.link_arguments("model.local_files_only", "data.local_files_only")
-        parser.set_defaults(
-            {
-                "trainer.max_epochs": 1,
-                "trainer.default_root_dir": "runs/invert",
-                "trainer.callbacks": DEFAULT_CALLBACKS,
-                "trainer.enable_checkpointing": False,
-                "trainer.logger": False,
-                "trainer.num_sanity_val_steps": 0,
-                "trainer.use_distributed_sampler": False,  # the DataModule shards images by rank itself
-            }
-        )
-        options_before_trainer(parser)
-
-
-    def before_instantiate_classes(self) -> None:
-        # `--trainer.enable_progress_bar=false` means no bar: drop ours rather than let Lightning
-        # refuse the combination with a traceback.
-        trainer = self.config["trainer"]
-        if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
-            trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("ProgressBar")]
-
-
-class ReconstructionCLI(ParsingCLI):
-    command = "reconstruct"
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.model", "data.model")
-        parser.link_arguments("model.local_files_only", "data.local_files_only")
-        parser.set_defaults(
-            {
-                "trainer.default_root_dir": "runs/reconstruct",
-                "trainer.callbacks": [{"class_path": "ph2p_lit.reconstruction.ReconstructionWriter"}],
-                "trainer.logger": False,
-                "trainer.enable_checkpointing": False,
-                "trainer.use_distributed_sampler": False,  # PromptedImages shards images by rank itself
-            }
-        )
-        options_before_trainer(parser)
-
-
-def one_line(text: str) -> str:
-    """A file name or caption with its line breaks and tabs shown as escapes, so it keeps to its row."""
-    return str(text).translate({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
-
-
-def print_table(run_dir: Path) -> None:
-    """Image, true caption and recovered prompt of every finished image."""
-    path = run_dir / "prompts.jsonl"
-    if not path.is_file():
-        return
-    rows = [{k: one_line(r.get(k, "")) for k in ("image_id", "caption", "prompt")}
-            for r in sorted(read_jsonl(path), key=lambda r: r["image_id"])]
-    width = max([len(r["image_id"]) for r in rows] + [5])
-    cap = min(max([len(r["caption"]) for r in rows] + [7]), 60)
-    print(f"\n{'image':<{width}}  {'caption':<{cap}}  prompt")
-    for r in rows:
-        print(f"{r['image_id']:<{width}}  {r['caption'][:cap]:<{cap}}  {r['prompt']}")
-    print(f"\n{len(rows)} prompts in {path}")
-    if (run_dir / "report.html").is_file():
-        print(f"report: {run_dir / 'report.html'} (images, prompts and images generated from them)")
-
-
-def invert(args: list[str], table: bool = True) -> None:
-    cli = InversionCLI(
-        PromptInversion,
-        ImageDataModule,
-        args=args,
-        run=False,
-        save_config_kwargs={"overwrite": True},
-        subclass_mode_model=False,
-        parser_kwargs=parser_settings("invert"),
-        auto_configure_optimizers=False,  # the module has its own optimiser (model.optimizer)
-    )
-    ckpt_path = cli.config.get("ckpt_path")
-    if ckpt_path not in (None, "last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
-        raise InputError(f"--ckpt_path={ckpt_path}: no such file; give a checkpoint, or 'last' for the run folder's newest")
-    try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as e:
-        if ckpt_path is None or not _is_checkpoint_error(e):
-            raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"--ckpt_path={ckpt_path}: cannot resume from it ({reason[:200]}); it is not a checkpoint "
-                         "of this run's settings (prompt_length, batch_size, optimizer)") from None
-    if ckpt_path is not None and cli.datamodule.todo_indices():
-        # The checkpoint's epoch had ended, so Lightning considers the run done; images added to
-        # the folder since are inverted by a fresh run on the same folder (finished ones are skipped).
-        trainer = cli.instantiate_trainer()
-        trainer.fit(cli.model, datamodule=cli.datamodule)
-    if table and cli.trainer.is_global_zero:
-        print_table(Path(cli.trainer.default_root_dir))
-
-
-def _is_checkpoint_error(e: Exception) -> bool:
-    """Errors torch.load and load_state_dict raise for a file that is not this run's checkpoint."""
-    text = str(e).lower()
-    return isinstance(e, (EOFError, KeyError, pickle.UnpicklingError)) or any(
-        s in text for s in ("size mismatch", "state_dict", "unpickl", "invalid load key", "zip archive", "pytorchstreamreader")
-    )
-
-
-def reconstruct(args: list[str]) -> None:
-    from .data import PromptedImages
-    from .reconstruction import Reconstruction
-
-    cli = ReconstructionCLI(Reconstruction, PromptedImages, args=args, run=False,
-                            save_config_kwargs={"overwrite": True}, subclass_mode_model=False,
-                            parser_kwargs=parser_settings("reconstruct"), auto_configure_optimizers=False)
-    cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
 
 
 def call(command: str, function, args: list[str]) -> None:
@@ -218,32 +43,8 @@ def call(command: str, function, args: list[str]) -> None:
         raise argument_error(command, e, options) from None
 
 
-def generate(args: list[str]) -> None:
-    from .generate import generate_grids
-
-    call("generate", generate_grids, args)
-
-
-def evaluate(args: list[str]) -> None:
-    from .evaluation import evaluate as run
-
-    call("evaluate", run, args)
-
-
-def compose(args: list[str]) -> None:
-    from .compose import compose as run
-
-    call("compose", run, args)
-
-
-def train_demo(args: list[str]) -> None:
-    from .demo.train import train_demo as run
-
-    call("train-demo", run, args)
-
-
-def train_caption_lm(args: list[str]) -> None:
-    call("train-caption-lm", _train_caption_lm, args)
+FUNCTIONS = {"generate": generate_grids, "evaluate": evaluate_run, "compose": compose_concepts,
+             "train-demo": train_demo_model, "train-caption-lm": train_caption_model}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,9 +58,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"ph2p: unknown command {argv[0]!r}")
         return
     try:
-        commands = {"invert": invert, "reconstruct": reconstruct, "generate": generate, "evaluate": evaluate, "compose": compose,
-                    "train-demo": train_demo, "train-caption-lm": train_caption_lm}
-        commands[argv[0]](argv[1:])
+        command, args = argv[0], argv[1:]
+        if command == "invert":
+            run_inversion(args)
+        elif command == "reconstruct":
+            run_reconstruction(args)
+        else:
+            call(command, FUNCTIONS[command], args)
     except InputError as e:
         raise SystemExit(f"ph2p {argv[0]}: error: {e}") from None
     except MisconfigurationException as e:  # Lightning's word on the trainer settings, e.g. a GPU on a CPU-only machine

@@ -5,35 +5,37 @@ one prompt for the pair, join it with concept C's prompt, generate again, and so
 """
 
 import base64
+import copy
 import html
 import io
 from pathlib import Path
 
 import torch
+import yaml
 from PIL import Image
 
+from .api import invert
 from .backbone import Backbone
 from .configs import packaged_config
-from .runfiles import read_jsonl, write_text_atomic
-from .data import IMAGE_EXTENSIONS
 from .errors import InputError
-from .generate import generate, image_grid, to_uint8
+from .generate import generate
+from .images import IMAGE_EXTENSIONS, image_grid, to_uint8
+from .runs import write_text_atomic
 
 
-def _invert(images: list[Path], run_dir: Path, config: str, overrides: list[str]) -> list[dict]:
-    """Invert these images (copied into run_dir/images) with `ph2p invert`; rows by image."""
-    from .cli import invert  # the CLI imports this module's siblings; import at use
-
+def _invert(images: list[Path], run_dir: Path, config: str, settings: dict) -> list[dict]:
+    """Invert these images (copied into run_dir/images); their rows, in order."""
     folder = run_dir / "images"
     folder.mkdir(parents=True, exist_ok=True)
+    copies = []
     for k, path in enumerate(images):
+        copies.append(folder / f"{k:03d}_{path.stem}.png")
         with Image.open(path) as image:
-            image.convert("RGB").save(folder / f"{k:03d}_{path.stem}.png")
-    # Quiet: compose shows its own progress; each inversion's bar, table and report would repeat it.
-    invert([f"--config={config}", f"--data.root={folder}", f"--trainer.default_root_dir={run_dir}",
-            "--trainer.enable_progress_bar=false", "--trainer.callbacks=[{class_path: ph2p_lit.callbacks.ResultsWriter}]",
-            *overrides], table=False)
-    return sorted(read_jsonl(run_dir / "prompts.jsonl"), key=lambda r: r["image_id"])
+            image.convert("RGB").save(copies[-1])
+    # Quiet: compose shows its own progress; each inversion's bar and report would repeat it.
+    quiet = {"enable_progress_bar": False, "callbacks": []}
+    return invert(copies, config=config, run_dir=run_dir, model=settings.get("model"), data=settings.get("data"),
+                  trainer={**quiet, **settings.get("trainer", {})})
 
 
 def _concept_images(concept: str) -> list[Path]:
@@ -58,7 +60,7 @@ def compose(
     out: str = "runs/compose",
     config: str = "demo",
     model: str | None = None,
-    invert_overrides: list[str] | None = None,
+    invert_settings: dict | None = None,
     images_per_prompt: int = 4,
     steps: int = 50,
     guidance: float = 7.5,
@@ -74,7 +76,8 @@ def compose(
         config: the `ph2p invert` config used for every inversion (a file, or the name of one
             shipped with the package: demo, sd15, sd21, sdxl).
         model: the model that inverts and generates; None: the config's model.model.
-        invert_overrides: extra `ph2p invert` options, e.g. ["--model.steps=100"].
+        invert_settings: settings on top of the config's, by section, e.g.
+            {"model": {"steps": 100}} (on the command line: --invert_settings '{model: {steps: 100}}').
         images_per_prompt: images generated from each joined prompt; the first is inverted next.
         out: the folder of the page and every stage's runs.
         steps: DDIM steps of each generation.
@@ -84,15 +87,13 @@ def compose(
     if not concepts or len(concepts) < 2:
         raise InputError("concepts: give two or more images or folders (--concepts [a.png, b.png, c.png])")
     sets = [_concept_images(c) for c in concepts]
-    out_dir, overrides = Path(out), list(invert_overrides or [])
+    out_dir, settings = Path(out), copy.deepcopy(invert_settings or {})
     if model is None:
-        import yaml
-
         model = (yaml.safe_load(Path(packaged_config(config)).read_text()) or {}).get("model", {}).get("model", "demo")
-    overrides.append(f"--model.model={model}")
+    settings.setdefault("model", {})["model"] = model
     n_images = sum(len(s) for s in sets)
     print(f"compose: inverting {n_images} concept image(s) into {out_dir / 'concepts'}", flush=True)
-    rows = _invert([p for s in sets for p in s], out_dir / "concepts", config, overrides)
+    rows = _invert([p for s in sets for p in s], out_dir / "concepts", config, settings)
     by_set, k = [], 0
     for s in sets:  # each set's rows, in the order they were copied
         by_set.append(min(rows[k : k + len(s)], key=lambda r: r.get("best_loss", r["final_loss"])))
@@ -110,7 +111,7 @@ def compose(
         stage_dir.mkdir(parents=True, exist_ok=True)
         image_grid(tiles).save(stage_dir / "generated.png")
         tiles[0].save(stage_dir / "first.png")
-        carried = _invert([stage_dir / "first.png"], stage_dir / "inverted", config, overrides)[0]
+        carried = _invert([stage_dir / "first.png"], stage_dir / "inverted", config, settings)[0]
         stages.append({"inputs": [stages[-1]["tiles"][0] if stages else Image.open(by_set[0]["source"]),
                                   Image.open(concept["source"])],
                        "prompts": [stages[-1]["evolved"] if stages else by_set[0]["prompt"], concept["prompt"]],

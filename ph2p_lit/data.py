@@ -4,110 +4,21 @@ Images are resized and centre-cropped to the model's resolution. Each rank gets 
 stable slice of the images; each batch is repeated `steps` times, one optimiser step each.
 """
 
-import json
 import logging
-import os
 from collections import OrderedDict
 from pathlib import Path
 
 import lightning as L
-import numpy as np
-import torch
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from diffusers import AutoencoderKL
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
-from .runfiles import read_jsonl
+from .backbone import resolve_model
 from .errors import InputError
+from .images import DEMO_IMAGES, find_images, read_captions, read_text, to_pixels
+from .runs import RunFolder, read_jsonl
 
 log = logging.getLogger(__name__)
-
-DEMO_IMAGES = Path(__file__).parent / "demo" / "images"  # data.root: demo
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-CAPTION_KEYS = ("text", "caption", "prompt")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited on white, 16-bit is scaled down."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        # A 16-bit image is scaled by its format's range, not by its values: a dark one (all <= 255)
-        # is dark, not bright. Mode "I" (32-bit) keeps the old guess, as it has no fixed range.
-        scale = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "P", "PA") and ("transparency" in image.info or image.mode.endswith("A")):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the shorter side, centre-crop, scale to [-1, 1]: (3, R, R)."""
-    image = ImageOps.fit(to_rgb(image), (resolution, resolution), method=Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-
-
-def read_captions(root: Path) -> dict[str, str]:
-    """Captions from an imagefolder's metadata.jsonl (file_name + text/caption/prompt)."""
-    captions = {}
-    meta = root / "metadata.jsonl"
-    if meta.is_file():
-        for number, line in enumerate(read_text(meta).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{meta}: line {number} is not JSON ({e.msg}); fix or delete it") from None
-            if not isinstance(row, dict) or "file_name" not in row:
-                raise InputError(f"{meta}: line {number} has no file_name; each line names an image and its caption")
-            text = next((row[k] for k in CAPTION_KEYS if k in row), None)
-            if text is not None:
-                captions[row["file_name"]] = text
-    return captions
-
-
-def read_text(path: Path) -> str:
-    """A caption file as text: UTF-8, or Latin-1 where it is not UTF-8 (older tools write it)."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
-
-
-def find_images(root: Path) -> tuple[list[Path], list[dict]]:
-    """Image files under `root`, recursively and sorted, following links to folders once each.
-
-    What cannot be searched (an unreadable folder, a link back to a folder already searched, a
-    link to a missing file) is returned as a failure to report, not dropped without a word.
-    """
-    paths, failures, seen = [], [], {os.path.realpath(root)}
-
-    def fail(path: str, error: str) -> None:
-        failures.append({"image_id": Path(path).relative_to(root).as_posix(), "source": path, "error": error})
-
-    def unreadable(e: OSError) -> None:
-        fail(e.filename, f"{type(e).__name__}: cannot list this folder ({e.strerror})")
-
-    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
-        for name in list(dirs):
-            real = os.path.realpath(os.path.join(folder, name))
-            if real in seen:  # a loop, or a second way to a folder: search it once
-                dirs.remove(name)
-                fail(os.path.join(folder, name), f"link to {real}, a folder already searched; not followed")
-            seen.add(real)
-        for name in files:
-            path = Path(folder, name)
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            if path.is_file():
-                paths.append(path)
-            else:
-                fail(str(path), f"link to {os.path.realpath(path)}, which does not exist")
-    return sorted(paths), failures
-
 
 class DecodedOnce(Dataset):
     """A dataset that keeps its most recently loaded items: a batch is asked for once per
@@ -253,14 +164,6 @@ def in_flight(plan: list[tuple[list, int]], consumed: int) -> tuple[list, int]:
     return [], 0
 
 
-def collate(items: list[dict]) -> dict:
-    """Tensors stacked, everything else (ids, paths, captions, prompts) as lists."""
-    return {
-        k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
-        for k in items[0]
-    }
-
-
 class ImageDataModule(L.LightningDataModule):
     """Target images for inversion.
 
@@ -274,9 +177,10 @@ class ImageDataModule(L.LightningDataModule):
         caption_column: the column of `dataset` holding captions (None, or absent: no captions).
         limit: only the first `limit` images (after sorting).
         batch_size: images inverted together.
-        steps: optimiser steps per batch (set from model.steps).
+        steps: optimiser steps per batch; None: model.steps (its home; a different value in both
+            is an error).
         resolution: pixels per side; None reads the model's VAE config.
-        model: the model whose resolution to use (set from model.model).
+        model: the model whose resolution to use; None: model.model.
         local_files_only: never reach the hub for it (set from model.local_files_only).
         num_workers: DataLoader workers.
         skip_done: leave out images that already have a line in the run folder's prompts*.jsonl
@@ -296,9 +200,9 @@ class ImageDataModule(L.LightningDataModule):
         caption_column: str | None = "text",
         limit: int | None = None,
         batch_size: int = 1,
-        steps: int = 500,
+        steps: int | None = None,
         resolution: int | None = None,
-        model: str = "demo",
+        model: str | None = None,
         local_files_only: bool = False,
         num_workers: int = 0,
         skip_done: bool = True,
@@ -306,7 +210,7 @@ class ImageDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self._check_sources(root, files, dataset)
-        if batch_size < 1 or steps < 1:
+        if batch_size < 1 or (steps is not None and steps < 1):
             raise InputError(f"data.batch_size={batch_size}, data.steps={steps}: both must be at least 1")
         if negatives is not None and dataset is not None:
             raise InputError("data.negatives: pair negatives with data.root or data.files, not data.dataset")
@@ -319,19 +223,25 @@ class ImageDataModule(L.LightningDataModule):
         if sum(x is not None for x in (root, files, dataset)) != 1:
             raise InputError("data: give exactly one of data.root (a folder), data.files or data.dataset")
 
+    def model_setting(self, key: str):
+        """steps and model are the module's: the data follows them, and a value of its own must
+        agree (set from Python, the two could otherwise differ without a word)."""
+        own = self.hparams.get(key)
+        module = self.trainer.lightning_module if self.trainer else None
+        theirs = module.hparams.get(key) if module is not None else None
+        if own is not None and theirs is not None and own != theirs:
+            raise InputError(f"data.{key}={own} but model.{key}={theirs}: set model.{key} only (the data follows it)")
+        return own if own is not None else theirs
+
     def _resolution(self) -> int:
         if self.hparams.resolution:
             return self.hparams.resolution
-        from diffusers import AutoencoderKL
-
-        from .backbone import resolve_model
-
+        model = self.model_setting("model") or "demo"
         try:
             config = AutoencoderKL.load_config(
-                resolve_model(self.hparams.model), subfolder="vae", local_files_only=self.hparams.local_files_only
+                resolve_model(model), subfolder="vae", local_files_only=self.hparams.local_files_only
             )
         except OSError as e:
-            model = self.hparams.model
             if Path(resolve_model(model)).is_dir():
                 raise InputError(f"data.model={model!r}: cannot read its vae/config.json to find the resolution; "
                                  "set data.resolution or give a complete model folder") from None
@@ -404,6 +314,7 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         self.failures = []  # found again by each setup
+        self.model_setting("steps")  # a disagreement stops here, before any work
         resolution = self._resolution()
         if hp.dataset is not None:
             import datasets
@@ -432,19 +343,12 @@ class ImageDataModule(L.LightningDataModule):
                   f"{self.failures[0]['error']})" if self.failures else ""
             raise InputError(f"data: no readable images in {where}{why}")
 
-    results_glob = "prompts*.jsonl"  # the files whose lines mark an image as done
+    results_kind = "prompts"  # the run folder's results whose lines mark an image as done
     done_means = "already have prompts in {dir}; inverting the other {todo} (a new trainer.default_root_dir starts afresh)"
 
     def done_keys(self) -> set[tuple[str, str | None]]:
         """(image id, settings key) of every result in the run folder already (every rank's file)."""
-        done = set()
-        for path in Path(self.trainer.default_root_dir).glob(self.results_glob):
-            rows = read_jsonl(path)
-            if any(not isinstance(row, dict) or "image_id" not in row for row in rows):
-                raise InputError(f"{path}: a line without image_id; each line is one image's result: "
-                                 "delete that line (its image is then done again)")
-            done |= {(row["image_id"], row.get("settings")) for row in rows}
-        return done
+        return RunFolder(self.trainer.default_root_dir).done_keys(self.results_kind)
 
     def item_key(self, i: int) -> tuple[str, str | None]:
         """What a result line must match to count image i as done: its id (an inversion's prompt
@@ -489,7 +393,9 @@ class ImageDataModule(L.LightningDataModule):
         self._saved = state
 
     def train_dataloader(self) -> DataLoader:
-        steps, size, world = self.hparams.steps, self.hparams.batch_size, self._world()
+        steps, size, world = self.model_setting("steps"), self.hparams.batch_size, self._world()
+        if steps is None:
+            raise InputError("data.steps: not set and no model to follow; give model.steps")
         todo = self.todo_indices()
         consumed = self.resumed_batches()
         flying, repeats_left = self._in_flight_at_checkpoint(todo, consumed)
@@ -509,7 +415,7 @@ class ImageDataModule(L.LightningDataModule):
         self._consumed = consumed
         sampler = RepeatedBatches(plans[self._rank()], consumed=consumed)
         self.images.keep = size  # a batch is decoded once, not at each of its steps
-        return DataLoader(self.images, batch_sampler=sampler, collate_fn=collate, num_workers=self.hparams.num_workers)
+        return DataLoader(self.images, batch_sampler=sampler, collate_fn=default_collate, num_workers=self.hparams.num_workers)
 
     def _in_flight_at_checkpoint(self, todo: list[int], consumed: int) -> tuple[list[list[str]], int]:
         """Per rank, the image ids of the batch the checkpoint stopped inside (only where it is still
@@ -524,7 +430,7 @@ class ImageDataModule(L.LightningDataModule):
         for r, plan in enumerate(saved["plans"]):
             batch, used = in_flight(plan, consumed - saved["consumed"])
             flying[r] = batch if batch and set(batch) <= waiting else []
-            repeats_left = max(repeats_left, self.hparams.steps - used if batch else 0)
+            repeats_left = max(repeats_left, self.model_setting("steps") - used if batch else 0)
         return flying, repeats_left
 
 
@@ -539,14 +445,14 @@ class PromptedImages(ImageDataModule):
         files: with `prompt`, a list of image paths or a file listing them.
         limit: only the first `limit` images.
         resolution: pixels per side; None reads the model's VAE config.
-        model: set from model.model.
+        model: None: model.model.
         local_files_only: set from model.local_files_only.
         num_workers: DataLoader workers.
         batch_size: images per U-Net batch.
         skip_done: leave out images that already have a line in the run folder's reconstructions*.jsonl.
     """
 
-    results_glob = "reconstructions*.jsonl"
+    results_kind = "reconstructions"
     done_means = "already done with these settings in {dir}; reconstructing the other {todo}"
 
     def item_key(self, i: int) -> tuple[str, str | None]:
@@ -563,7 +469,7 @@ class PromptedImages(ImageDataModule):
         limit: int | None = None,
         batch_size: int = 8,
         resolution: int | None = None,
-        model: str = "demo",
+        model: str | None = None,
         local_files_only: bool = False,
         num_workers: int = 0,
         skip_done: bool = True,
@@ -601,4 +507,4 @@ class PromptedImages(ImageDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(Subset(self.images, self.rank_indices()), batch_size=self.hparams.batch_size,
-                          collate_fn=collate, num_workers=self.hparams.num_workers)
+                          collate_fn=default_collate, num_workers=self.hparams.num_workers)

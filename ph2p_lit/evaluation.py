@@ -23,20 +23,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from .backbone import Backbone
-from .language_prior import LanguagePrior
-from .runfiles import append_line, read_jsonl, write_text_atomic
-from .data import to_pixels
+from .demo.world import CONTENT_ATTRIBUTES, attributes_in_text
 from .errors import InputError
 from .generate import generate
+from .images import to_pixels
+from .language_prior import LanguagePrior
 from .reconstruction import load_lpips
 from .report import SETTINGS, grid_path, save_grid, write_report
+from .runs import append_line, read_jsonl, write_text_atomic
 from .similarity import ClipSimilarity, OracleSimilarity, load_offline
 
 
 def content_word_scores(prompt: str, caption: str) -> dict[str, float]:
     """Precision / recall / F1 of the demo world's content words in the prompt vs the caption."""
-    from .demo.world import CONTENT_ATTRIBUTES, attributes_in_text
-
     named, truth = attributes_in_text(prompt), attributes_in_text(caption)
     predicted = {(a, v) for a in CONTENT_ATTRIBUTES for v in named[a]}
     true = {(a, v) for a in CONTENT_ATTRIBUTES for v in truth[a]}
@@ -181,8 +180,6 @@ class _Measures:
         if self.oracle is not None:
             out["oracle_similarity"] = float(self.oracle(target.expand_as(generated), generated).mean())
             if caption:
-                from .demo.world import CONTENT_ATTRIBUTES, attributes_in_text
-
                 out.update(content_word_scores(prompt, caption))
                 truth = attributes_in_text(caption)
                 reads = self.oracle.oracle.read(generated.float())

@@ -6,21 +6,18 @@ the starting latents and the negative embedding differ.
 
 import hashlib
 import json
-import os
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm import tqdm
 
 from .backbone import Backbone
-from .runfiles import append_line, read_jsonl
-from .data import to_rgb
 from .errors import InputError
+from .images import image_grid, to_rgb, to_uint8
+from .runs import append_line, file_name, read_jsonl, save_atomic
 
 
 def strength_steps(steps: int, strength: float) -> int:
@@ -91,21 +88,6 @@ def generate(
     return backbone.decode_latents(denoise(backbone, latents, cond, negative, guidance, steps))
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(tiles: list[Image.Image], min_tile: int = 128, gap: int = 0) -> Image.Image:
-    """Tiles side by side, each scaled up (nearest) to at least `min_tile` pixels for viewing,
-    `gap` white pixels apart."""
-    side = max(tiles[0].width, min_tile)
-    grid = Image.new("RGB", (side * len(tiles) + gap * (len(tiles) - 1), side), "white")
-    for k, tile in enumerate(tiles):
-        grid.paste(tile.resize((side, side), Image.Resampling.NEAREST), (k * (side + gap), 0))
-    return grid
-
-
 def read_prompts(prompts: list[str] | str) -> list[dict]:
     """A prompts.jsonl of an invert run (each row: image_id, prompt, source), or prompt texts."""
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -118,14 +100,6 @@ def read_prompts(prompts: list[str] | str) -> list[dict]:
             raise InputError(f"prompts={texts[0]}: expected one JSON object with a 'prompt' per line")
         return rows
     return [{"image_id": f"prompt_{k:03d}", "prompt": text} for k, text in enumerate(texts)]
-
-
-def grid_names(image_ids: list[str]) -> dict[str, str]:
-    """A grid file name per image id: its stem (img0.png -> img0.png), or, where two ids share a
-    stem (a.png and a.jpg), the whole id (a.png.png, a.jpg.png), so no grid stands for two."""
-    stems = {i: i.rsplit(".", 1)[0].replace("/", "__") for i in image_ids}
-    shared = {s for s, n in Counter(stems.values()).items() if n > 1}
-    return {i: (i.replace("/", "__") if s in shared else s) + ".png" for i, s in stems.items()}
 
 
 def generate_grids(
@@ -177,9 +151,8 @@ def generate_grids(
     listing = out_dir / "generated.jsonl"
     done = {(r.get("image_id"), r.get("prompt"), r.get("settings")) for r in read_jsonl(listing)} if listing.is_file() else set()
     skipped = 0
-    names = grid_names([row["image_id"] for row in rows])
     for row in tqdm(rows, desc="generate", unit="prompt"):  # what it does, how far, an ETA
-        path = out_dir / names[row["image_id"]]
+        path = out_dir / f"{file_name(row['image_id'])}.png"  # a.png -> a.png.png: a.jpg keeps its own
         if path.is_file() and (row["image_id"], row["prompt"], settings) in done:
             skipped += 1
             continue
@@ -189,9 +162,7 @@ def generate_grids(
         if row.get("source") and Path(row["source"]).is_file():
             with Image.open(row["source"]) as target:
                 tiles.insert(0, to_rgb(target).resize((tiles[0].width, tiles[0].height), Image.Resampling.BICUBIC))
-        tmp = path.with_name(path.stem + ".tmp.png")
-        image_grid(tiles).save(tmp)
-        os.replace(tmp, path)
+        save_atomic(path, image_grid(tiles).save)
         append_line(listing, {"image_id": row["image_id"], "prompt": row["prompt"], "grid": path.name, "seed": seed,
                               "images": images_per_prompt, "settings": settings})
         tqdm.write(f"{path}  {row['prompt']}")

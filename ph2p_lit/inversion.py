@@ -12,12 +12,14 @@ import lightning as L
 import torch
 
 from .backbone import Backbone
+from .callbacks import ResultsWriter
 from .errors import InputError
 from .language_prior import LanguagePrior
 from .memory import peak_mb, reset_peak
 from .optim import BatchedLBFGS, PH2PStep
 from .refine import PromptSearch, Refinement
 from .sampler import TimestepSampler, _generator
+from .selection import ImageSelector, Selection
 from .vocab import Vocabulary
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,6 +60,8 @@ class PromptInversion(L.LightningModule):
         refinement: the discrete refinement after the continuous phase (refine.Refinement: guided
             decoding by a language prior, greedy token swaps, optional pruning, all scored by the
             diffusion loss plus the prior); None: off.
+        selection: choose each image's prompt by an image generated from it (selection.Selection:
+            CLIP or the demo oracle, every n steps), as the authors' code does; None: by the loss.
         metric: the projection's distance, "l2" (the paper's) or "cosine".
         ascii_only: drop vocabulary tokens with non-ASCII characters.
         whole_words: only tokens that end a word (no sub-word pieces).
@@ -72,7 +76,8 @@ class PromptInversion(L.LightningModule):
             only up to L(target) + margin, so once the negative image fits `margin` worse than the
             target, raising its loss further buys nothing and only L(target) is lowered (a prompt
             of nonsense that fits neither image cannot win). None: the paper's unguarded objective.
-        batch_size: images inverted together in one U-Net batch (set from data.batch_size).
+        batch_size: images inverted together in one U-Net batch; None: data.batch_size (its home;
+            a different value in both is an error).
         seed: seeds the sampler and random initialisation, per image id.
         dtype: dtype of the frozen model; the soft prompt stays float32 (L-BFGS needs it).
         gradient_checkpointing: recompute the U-Net's activations in the backward pass to the
@@ -103,6 +108,7 @@ class PromptInversion(L.LightningModule):
         patience: int = 0,
         min_delta: float = 0.0,
         refinement: Refinement | None = None,
+        selection: Selection | None = None,
         metric: Literal["l2", "cosine"] = "l2",
         ascii_only: bool = True,
         whole_words: bool = False,
@@ -113,7 +119,7 @@ class PromptInversion(L.LightningModule):
         no_repeat: bool = False,
         negative_weight: float = 1.0,
         negative_margin: float | None = 0.05,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         seed: int = 0,
         dtype: Literal["float32", "float16", "bfloat16"] = "float32",
         gradient_checkpointing: bool = False,
@@ -123,11 +129,13 @@ class PromptInversion(L.LightningModule):
         super().__init__()
         for key, value in (("steps", steps), ("max_iter", max_iter), ("batch_size", batch_size), ("draws", draws),
                            ("eval_draws", eval_draws), ("score_every_n_steps", score_every_n_steps)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise InputError(f"model.{key}={value}: must be at least 1")
         self.save_hyperparameters()
         # A checkpoint's hparams (and some CLI paths) hold the settings as a plain dict.
         self.refinement = Refinement(**refinement) if isinstance(refinement, dict) else refinement
+        self.selection = Selection(**selection) if isinstance(selection, dict) else selection
+        self.selector: ImageSelector | None = None
         self.automatic_optimization = False
         self.backbone: Backbone | None = None  # not an nn.Module: never in state_dict
         self.soft_prompt: torch.nn.Parameter | None = None
@@ -163,11 +171,30 @@ class PromptInversion(L.LightningModule):
             hp.english_words, hp.allow, hp.deny, hp.metric, hp.get("deny_offensive", True),
         ).to(self.device)
         D = self.backbone.token_table.shape[1]
-        self.soft_prompt = torch.nn.Parameter(torch.zeros(hp.batch_size, hp.prompt_length, D))  # (B, L, D)
-        self.unet_evals = torch.zeros(hp.batch_size, dtype=torch.long)  # U-Net samples per image slot
+        batch_size = self.images_per_batch()
+        self.soft_prompt = torch.nn.Parameter(torch.zeros(batch_size, hp.prompt_length, D))  # (B, L, D)
+        self.unet_evals = torch.zeros(batch_size, dtype=torch.long)  # U-Net samples per image slot
         self._frame = self._prompt_frame()
         if self.refinement is not None and self.refinement.language_model:
             self.prior = LanguagePrior.from_pretrained(self.refinement.language_model, self.device, hp.local_files_only)
+        if self.selection is not None:
+            self.selector = ImageSelector(self.selection, self.device, hp.local_files_only)
+
+    def images_per_batch(self) -> int:
+        """Images per batch: data.batch_size is its home (the batches are the data's); a module
+        given its own must agree with it."""
+        data = self._trainer.datamodule if self._trainer is not None else None
+        own = self.hparams.batch_size
+        theirs = data.hparams.get("batch_size") if data is not None else None
+        if own is not None and theirs is not None and own != theirs:
+            raise InputError(f"model.batch_size={own} but data.batch_size={theirs}: set data.batch_size only "
+                             "(the module follows it)")
+        return own or theirs or 1
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # The results writer belongs to the algorithm's output: a user's trainer.callbacks list
+        # cannot drop it (Lightning puts this one in place of any ResultsWriter listed there).
+        return [ResultsWriter()]
 
     def _prompt_frame(self) -> dict:
         """Embeddings around the free positions: [BOS] e_1..e_L [EOS] [pad ...]."""
@@ -276,6 +303,8 @@ class PromptInversion(L.LightningModule):
         t, noise = zip(*(self.sampler.fixed(i, shape) for i in self.image_ids))
         self._fixed = (torch.stack(t).to(self.device), torch.stack(noise).to(self.device))
         self.best = {"ids": [None] * b, "loss": [float("inf")] * b, "step": [0] * b, "stale": [0] * b}
+        if self.selector is not None:
+            self.selector.start(b)
         restored, self._restored = getattr(self, "_restored", None), None
         if restored and restored["image_ids"] == self.image_ids:
             # Resumed mid-batch from a checkpoint: Lightning has put back the soft prompts and
@@ -284,6 +313,8 @@ class PromptInversion(L.LightningModule):
             self.sampler.load_state_dict(restored["sampler"])
             self.best = restored.get("best") or self.best
             self.unet_evals[:b] = torch.tensor(restored.get("unet_evals", [0] * b))
+            if self.selector is not None and restored.get("selected"):
+                self.selector.best = restored["selected"]
             return
         for i in self.image_ids:
             self.sampler.reset(i)
@@ -342,7 +373,15 @@ class PromptInversion(L.LightningModule):
             patience = self.hparams.patience
             self.stopped_early = not last and patience > 0 and all(s >= patience for s in self.best["stale"])
         finished = last or self.stopped_early
-        return {"losses": losses, "finished": self.results() if finished else []}
+        if self.selector is not None and self.selection.due(self.step_in_batch, finished):
+            ids = self.current_ids().tolist()
+            self.selector.update(self.backbone, [self.vocab.decode(row) for row in ids], ids, batch["pixels"],
+                                 self.step_in_batch)
+        if not finished:
+            return {"losses": losses, "finished": []}
+        # The continuous prompts go with the records: the results writer saves them as
+        # textual-inversion embeddings.
+        return {"losses": losses, "finished": self.results(), "soft_prompts": self.soft_prompt[:b].detach().cpu()}
 
     @torch.no_grad()
     def keep_best(self) -> None:
@@ -389,6 +428,11 @@ class PromptInversion(L.LightningModule):
                 "peak_memory_mb": peak,
                 **({"refinement": refined[j]} if refined is not None else {}),
             })  # fmt: skip
+        if self.selector is not None:
+            for record, chosen in zip(records, self.selector.best):
+                record.update(prompt=self.vocab.decode(chosen["ids"]), token_ids=chosen["ids"], loss_prompt=record["prompt"],
+                              selected_by=self.selection.select_by, best_similarity=chosen["similarity"],
+                              selected_step=chosen["step"])
         return records
 
     # ---------------------------------------------------------------- discrete refinement
@@ -482,6 +526,7 @@ class PromptInversion(L.LightningModule):
             "sampler": self.sampler.state_dict(),
             "best": self.best if self.image_ids else None,
             "unet_evals": self.unet_evals[: len(self.image_ids)].tolist(),
+            "selected": self.selector.best if self.selector is not None and self.image_ids else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

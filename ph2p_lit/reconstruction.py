@@ -8,7 +8,6 @@ attention maps on request, and the table at the end.
 import hashlib
 import html
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -24,11 +23,12 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .attention import heat_grid, prompt_tokens, token_attention
 from .backbone import Backbone
-from .runfiles import append_line, merge_rank_files, read_jsonl, write_text_atomic
 from .errors import InputError
+from .generate import strength_steps
+from .images import to_uint8
 from .inversion import _DTYPES
-from .generate import strength_steps, to_uint8
 from .npi import apply_edit, ddim_invert, reconstruct
+from .runs import RunFolder, save_atomic, write_text_atomic
 
 LPIPS_WEIGHTS = {  # torchvision backbones lpips loads; offline they must already be in torch's hub cache
     "alex": "alexnet-owt-7be5be79.pth",
@@ -149,9 +149,7 @@ class Reconstruction(L.LightningModule):
         inverted = ddim_invert(self.backbone, latents, cond, self.hparams.steps, self.hparams.strength)
         paths[0].parent.mkdir(parents=True, exist_ok=True)
         for path, x in zip(paths, inverted):
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(x.clone().cpu(), tmp)
-            os.replace(tmp, path)  # atomic: a killed run never leaves half a tensor
+            save_atomic(path, lambda tmp, x=x: torch.save(x.clone().cpu(), tmp))
         return inverted
 
     # ---------------------------------------------------------------- predict
@@ -204,37 +202,37 @@ class ReconstructionWriter(BasePredictionWriter):
     it), a line in reconstructions.jsonl naming both and, with attention maps,
     attention/<id>.<settings>.png + .npz. At the end: the table and reconstruct.html."""
 
-    def __init__(self, dirpath: str | None = None):
+    def __init__(self):
         super().__init__(write_interval="batch")
-        self.dirpath = dirpath
 
     def setup(self, trainer, pl_module, stage):
-        self.run_dir = Path(self.dirpath or trainer.default_root_dir)
+        self.run = RunFolder(trainer.default_root_dir)
+        self.run_dir = self.run.path
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         for k, record in enumerate(prediction["records"]):
-            target = record["image_id"].rsplit(".", 1)[0]
-            stem = f"{target}.{record['settings']}"
-            record = {**record, "image": f"images/{stem}.png", "target": f"targets/{target}.png"}
-            _save_png(Image.fromarray(prediction["images"][k]), self.run_dir / record["image"])
-            _save_png(Image.fromarray(prediction["targets"][k]), self.run_dir / record["target"])
+            image_id, settings = record["image_id"], record["settings"]
+            result = self.run.image_file("images", image_id, f".{settings}.png")
+            target = self.run.image_file("targets", image_id, ".png")
+            record = {**record, "image": result.relative_to(self.run_dir).as_posix(),
+                      "target": target.relative_to(self.run_dir).as_posix()}
+            save_atomic(result, Image.fromarray(prediction["images"][k]).save)
+            save_atomic(target, Image.fromarray(prediction["targets"][k]).save)
             if "attention" in prediction:
                 att = prediction["attention"][k]
-                _save_png(heat_grid(prediction["targets"][k], att["maps"], att["tokens"]),
-                          self.run_dir / "attention" / f"{stem}.png")
-                tmp = self.run_dir / "attention" / f"{stem}.tmp.npz"
-                np.savez_compressed(tmp, maps=att["maps"], tokens=np.array(att["tokens"]))
-                os.replace(tmp, self.run_dir / "attention" / f"{stem}.npz")
-            rank = trainer.global_rank
-            name = "reconstructions.jsonl" if rank == 0 else f"reconstructions.rank{rank}.jsonl"
-            append_line(self.run_dir / name, {**record, "source": batch["source"][k], "caption": batch["caption"][k]})
+                save_atomic(self.run.image_file("attention", image_id, f".{settings}.png"),
+                            heat_grid(prediction["targets"][k], att["maps"], att["tokens"]).save)
+                save_atomic(self.run.image_file("attention", image_id, f".{settings}.npz"),
+                            lambda tmp: np.savez_compressed(tmp, maps=att["maps"], tokens=np.array(att["tokens"])))
+            self.run.append("reconstructions", {**record, "source": batch["source"][k], "caption": batch["caption"][k]},
+                            trainer.global_rank)
 
     def on_predict_end(self, trainer, pl_module):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             # One line per image and setting, every rank's, in reconstructions.jsonl.
-            merge_rank_files(self.run_dir / "reconstructions.jsonl", key=lambda r: (r["image_id"], r.get("settings", "")))
+            self.run.merge("reconstructions", key=lambda r: (r["image_id"], r.get("settings", "")))
             print_reconstructions(self.run_dir)
             page = write_reconstruct_page(self.run_dir)
             if page:
@@ -244,7 +242,7 @@ class ReconstructionWriter(BasePredictionWriter):
 def write_reconstruct_page(run_dir: Path) -> Path | None:
     """reconstruct.html: per image and setting, the target, the result, PSNR / LPIPS and the prompts.
     Images are linked files beside the page (not embedded), so it stays small for any number."""
-    rows = sorted((r for p in run_dir.glob("reconstructions*.jsonl") for r in read_jsonl(p) if "image" in r),
+    rows = sorted((r for r in RunFolder(run_dir).rows("reconstructions") if "image" in r),
                   key=lambda r: (r["image_id"], r.get("edit", ""), r.get("negative", "")))
     if not rows:
         return None
@@ -265,17 +263,9 @@ def write_reconstruct_page(run_dir: Path) -> Path | None:
     return page
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
-
-
 def print_reconstructions(run_dir: Path) -> None:
     """Per-image PSNR / LPIPS table and the mean, from every rank's reconstructions*.jsonl."""
-    rows = sorted((r for p in run_dir.glob("reconstructions*.jsonl") for r in read_jsonl(p)),
-                  key=lambda r: r["image_id"])
+    rows = sorted(RunFolder(run_dir).rows("reconstructions"), key=lambda r: r["image_id"])
     if not rows:
         return
     width = max(len(r["image_id"]) for r in rows)

@@ -7,16 +7,15 @@ import hashlib
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 import lightning as L
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from .runfiles import read_jsonl, write_text_atomic
-from .data import to_rgb
-from .generate import generate, image_grid, to_uint8
+from .generate import generate
+from .images import image_grid, to_rgb, to_uint8
+from .runs import RunFolder, file_name, read_jsonl, save_atomic, write_text_atomic
 
 
 def data_uri(image: Image.Image) -> str:
@@ -26,8 +25,8 @@ def data_uri(image: Image.Image) -> str:
 
 
 class HTMLReport(L.Callback):
-    """Write report.html in the run folder when the run ends (rank 0, after the results merge),
-    from prompts.jsonl, so a resumed run's report covers every image. `ph2p evaluate` writes it
+    """Write report.html in the run folder when the run ends (rank 0), from every rank's prompts,
+    so a resumed run's report covers every image. `ph2p evaluate` writes it
     again with its measures.
 
     images_per_prompt: images generated from each recovered prompt (0: none); they are kept in
@@ -39,9 +38,9 @@ class HTMLReport(L.Callback):
         self.images_per_prompt, self.steps, self.guidance, self.seed = images_per_prompt, steps, guidance, seed
 
     def on_train_end(self, trainer, pl_module):
-        trainer.strategy.barrier()  # every rank's results are merged into prompts.jsonl by now
+        trainer.strategy.barrier()  # every rank has written its results by now (merged or not)
         run_dir = Path(trainer.default_root_dir)
-        if trainer.is_global_zero and (run_dir / "prompts.jsonl").is_file():
+        if trainer.is_global_zero and RunFolder(run_dir).rows("prompts"):
             settings = {k: pl_module.hparams[k] for k in SETTINGS if k in pl_module.hparams}
             write_report(run_dir, pl_module.backbone, settings, self.images_per_prompt, self.steps, self.guidance,
                          self.seed)
@@ -52,8 +51,8 @@ SETTINGS = ("model", "prompt_length", "optimizer", "lr", "steps", "t_min", "t_ma
 
 def write_report(run_dir: Path, backbone, settings: dict, images_per_prompt: int = 3, steps: int = 50,
                  guidance: float = 7.5, seed: int = 0, metrics: dict[str, dict] | None = None) -> Path:
-    """report.html from the run's prompts.jsonl; `metrics` (image_id -> measures) adds columns."""
-    rows = sorted(read_jsonl(run_dir / "prompts.jsonl"), key=lambda r: r["image_id"])
+    """report.html from the run's prompts (every rank's); `metrics` (image_id -> measures) adds columns."""
+    rows = sorted(RunFolder(run_dir).rows("prompts"), key=lambda r: r["image_id"])
     cells = [_cell(backbone, run_dir, r, images_per_prompt, steps, guidance, seed)
              for r in tqdm(rows, desc="report", unit="prompt")]  # generates each prompt's images
     page = run_dir / "report.html"
@@ -65,14 +64,13 @@ def grid_path(run_dir: Path, row: dict, images: int, steps: int, guidance: float
     """Where the report keeps the images generated from a row's prompt. The name carries the
     prompt and the sampling settings, so a changed prompt or setting never shows a stale grid."""
     key = hashlib.sha1(json.dumps([row["prompt"], images, steps, guidance, seed]).encode()).hexdigest()[:10]
-    return run_dir / "report" / f"{row['image_id'].replace('/', '__').rsplit('.', 1)[0]}.{key}.png"
+    return run_dir / "report" / f"{file_name(row['image_id'])}.{key}.png"
 
 
 def save_grid(path: Path, images) -> None:
     """(K, 3, H, W) in [-1, 1] -> one PNG of K tiles, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid([Image.fromarray(a) for a in to_uint8(images)], gap=6).save(path.with_suffix(".tmp.png"))  # tiles apart
-    os.replace(path.with_suffix(".tmp.png"), path)
+    save_atomic(path, image_grid([Image.fromarray(a) for a in to_uint8(images)], gap=6).save)  # tiles apart
 
 
 EMBED_UP_TO = 50  # images; past this the page links thumbnails beside it instead of embedding them
@@ -107,9 +105,9 @@ def _img(image: Image.Image | Path | None, run_dir: Path, name: str, embed: bool
     image = image.resize((128, 128), Image.Resampling.NEAREST)
     if embed:
         return f'<img src="{data_uri(image)}">'
-    path = run_dir / "report" / "targets" / f"{name.replace('/', '__')}.png"
+    path = run_dir / "report" / "targets" / f"{file_name(name)}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    save_atomic(path, image.save)
     return f'<img src="{html.escape(path.relative_to(run_dir).as_posix())}">'
 
 

@@ -7,8 +7,12 @@ Both take pairs of images in [-1, 1], (B, 3, H, W), and return (B,) similarities
 
 import torch
 import torch.nn.functional as F
+from transformers import CLIPImageProcessor, CLIPModel
 
+from .demo.oracle import AttributeOracle
+from .demo.world import CONTENT_ATTRIBUTES
 from .errors import InputError
+from .images import to_uint8
 
 
 def load_offline(what: str, name: str, loader, local_files_only: bool):
@@ -24,8 +28,6 @@ class ClipSimilarity:
     """Cosine similarity of CLIP image embeddings, with the model's own preprocessing."""
 
     def __init__(self, name: str = "openai/clip-vit-large-patch14", device="cpu", local_files_only: bool = False):
-        from transformers import CLIPImageProcessor, CLIPModel
-
         self.model = load_offline("clip_model", name, CLIPModel.from_pretrained, local_files_only)
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.processor = load_offline("clip_model", name, CLIPImageProcessor.from_pretrained, local_files_only)
@@ -34,8 +36,6 @@ class ClipSimilarity:
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> unit embeddings (B, D)."""
-        from .generate import to_uint8
-
         pixels = self.processor(images=list(to_uint8(images)), return_tensors="pt").pixel_values.to(self.device)
         features = self.model.get_image_features(pixel_values=pixels)
         features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
@@ -50,15 +50,11 @@ class OracleSimilarity:
     images (mean over the three): the demo world's stand-in for CLIP similarity."""
 
     def __init__(self, device="cpu"):
-        from .demo.oracle import AttributeOracle
-
         self.oracle = AttributeOracle.load().to(device).requires_grad_(False)
         self.device = device
 
     @torch.no_grad()
     def __call__(self, targets: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
-        from .demo.world import CONTENT_ATTRIBUTES
-
         a = self.oracle(targets.float().to(self.device))
         b = self.oracle(generated.float().to(self.device))
         same = [(a[k].softmax(-1) * b[k].softmax(-1)).sum(-1) for k in CONTENT_ATTRIBUTES]

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.cli import main
+from ph2p_lit.runs import read_jsonl
 
 PH2P = [sys.executable, "-m", "ph2p_lit.cli"]
 

@@ -105,8 +105,8 @@ def test_a_restarted_run_skips_images_it_already_inverted(tiny_model, image_fold
     import lightning as L
 
     from ph2p_lit.callbacks import ResultsWriter
-    from ph2p_lit.runfiles import read_jsonl
     from ph2p_lit.inversion import PromptInversion
+    from ph2p_lit.runs import read_jsonl
 
     def run(limit):
         module = PromptInversion(model=tiny_model, prompt_length=2, steps=1, max_iter=1, init_prompt=None)

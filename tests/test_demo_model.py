@@ -55,10 +55,10 @@ def test_inversion_recovers_content_words_of_the_bundled_images(tmp_path):
     import lightning as L
 
     from ph2p_lit.callbacks import ResultsWriter
-    from ph2p_lit.runfiles import read_jsonl
     from ph2p_lit.data import ImageDataModule
     from ph2p_lit.demo.evaluate import summarise_prompt_scores
     from ph2p_lit.inversion import PromptInversion
+    from ph2p_lit.runs import read_jsonl
 
     root = Path(DEMO_MODEL).parent / "images"
     module = PromptInversion(model="demo", prompt_length=7, init_prompt=None, steps=12, max_iter=5, draws=4,

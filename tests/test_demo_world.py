@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from ph2p_lit.demo import world
 from ph2p_lit.demo.evaluate import prompt_scores

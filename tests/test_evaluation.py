@@ -13,9 +13,9 @@ from transformers import BertConfig, BertModel, BertTokenizer
 
 from ph2p_lit import evaluation, report
 from ph2p_lit.backbone import DEMO_MODEL
-from ph2p_lit.runfiles import read_jsonl
 from ph2p_lit.errors import InputError
 from ph2p_lit.evaluation import content_word_scores, evaluate
+from ph2p_lit.runs import read_jsonl
 from ph2p_lit.similarity import ClipSimilarity, OracleSimilarity
 
 PH2P = [sys.executable, "-m", "ph2p_lit.cli"]
@@ -177,7 +177,7 @@ def test_a_big_runs_report_links_thumbnails_and_targets_are_centre_cropped(tmp_p
     from PIL import Image
 
     from ph2p_lit import report
-    from ph2p_lit.runfiles import append_line
+    from ph2p_lit.runs import append_line
 
     wide = Image.new("RGB", (30, 10))
     for x, colour in ((0, (255, 0, 0)), (10, (0, 255, 0)), (20, (0, 0, 255))):

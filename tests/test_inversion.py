@@ -6,11 +6,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
-from ph2p_lit.callbacks import BestPromptTracker, ResultsWriter
-from ph2p_lit.runfiles import read_jsonl
+from ph2p_lit.callbacks import PromptLogger, ResultsWriter
 from ph2p_lit.data import ImageDataModule
+from ph2p_lit.errors import InputError
 from ph2p_lit.inversion import PromptInversion
 from ph2p_lit.optim import BatchedLBFGS
+from ph2p_lit.runs import read_jsonl
 
 
 def _module(tiny_model, **kw):
@@ -19,8 +20,7 @@ def _module(tiny_model, **kw):
 
 
 def _fit(module, image_folder, tmp_path, callbacks=(), limit=None, **trainer_kw):
-    data = ImageDataModule(root=image_folder, batch_size=module.hparams.batch_size, steps=module.hparams.steps,
-                           model=module.hparams.model, limit=limit)
+    data = ImageDataModule(root=image_folder, batch_size=module.hparams.batch_size or 1, limit=limit)
     kw = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer = L.Trainer(default_root_dir=tmp_path, callbacks=list(callbacks), **{**kw, **trainer_kw})
     trainer.fit(module, datamodule=data)
@@ -88,7 +88,7 @@ def test_ph2p_draws_fresh_timesteps_at_each_evaluation_and_lbfgs_keeps_one_set(t
     for optimizer, fresh in (("ph2p", True), ("lbfgs", False)):
         module = _module(tiny_model, optimizer=optimizer, steps=1, max_iter=3, draws=2)
         with mock.patch.object(module, "prompt_losses", wraps=module.prompt_losses) as losses:
-            _fit(module, image_folder, tmp_path, limit=1)
+            _fit(module, image_folder, tmp_path / optimizer, limit=1)
         draws = [c.args[2] for c in losses.call_args_list if c.args[0].requires_grad]
         assert len(draws) >= 2  # L-BFGS may stop a step early on its tolerances
         assert all(torch.equal(draws[0], d) for d in draws[1:]) != fresh
@@ -241,18 +241,21 @@ def test_best_prompt_by_clip_similarity_keeps_the_most_similar_scored_prompt(tin
                                                                              tmp_path):
     """select_by=clip: the kept prompt is, of every prompt scored, the one whose generated image
     is most CLIP-similar to its own target; the record's similarity is that image's."""
-    from ph2p_lit.data import to_pixels
     from ph2p_lit.generate import generate
+    from ph2p_lit.images import to_pixels
+    from ph2p_lit.selection import ImageSelector, Selection
     from ph2p_lit.similarity import ClipSimilarity
 
-    module = _module(tiny_model, steps=4, batch_size=2, lr=20.0)
-    tracker = BestPromptTracker(every_n_steps=1, select_by="clip", clip_model=tiny_clip, generation_steps=3,
-                                local_files_only=True)
+    selection = Selection(every_n_steps=1, select_by="clip", clip_model=tiny_clip, generation_steps=3)
+    module = _module(tiny_model, steps=4, batch_size=2, lr=20.0, selection=selection)
     scored = []
-    update = tracker._update
-    tracker._update = lambda pl_module, targets: (scored.append(pl_module.current_ids().tolist()),
-                                                  update(pl_module, targets))
-    _fit(module, image_folder, tmp_path, callbacks=[tracker, ResultsWriter()], limit=2)
+    update = ImageSelector.update
+    ImageSelector.update = lambda self, backbone, prompts, ids, targets, step: (
+        scored.append(ids), update(self, backbone, prompts, ids, targets, step))
+    try:
+        _fit(module, image_folder, tmp_path, limit=2)
+    finally:
+        ImageSelector.update = update
     rows = {r["image_id"]: r for r in read_jsonl(tmp_path / "prompts.jsonl")}
     clip = ClipSimilarity(tiny_clip, local_files_only=True)
     for k, image_id in enumerate(["img0.png", "img1.png"]):
@@ -306,10 +309,69 @@ def test_images_at_another_resolution_than_the_models_invert(tiny_model, image_f
     """The noise follows the images' latents, not the VAE config's sample_size (a real model run
     at a reduced resolution on a CPU, or a 768 px model given 512 px images)."""
     from ph2p_lit.cli import main
-    from ph2p_lit.runfiles import read_jsonl
+    from ph2p_lit.runs import read_jsonl
 
     main(["invert", f"--model.model={tiny_model}", "--model.prompt_length=2", "--model.steps=2", "--model.max_iter=1",
           "--model.refinement.draws=2", "--model.refinement.budget=20", f"--data.root={image_folder}", "--data.limit=1",
           "--data.resolution=32", f"--trainer.default_root_dir={tmp_path}"])  # the tiny model's own is 16
     (row,) = read_jsonl(tmp_path / "prompts.jsonl")
     assert row["steps"] == 2 and row["prompt"]
+
+
+def test_results_are_whole_whatever_the_callback_order_or_list(tiny_model, image_folder, tmp_path):
+    """The writer first, last or not listed at all: every image's line, with its best loss (a
+    callback rewrote the records before; listed after the writer, best_loss was null; a list
+    without the writer lost every result)."""
+    runs = {"first": [ResultsWriter(), PromptLogger(every_n_steps=1)],
+            "last": [PromptLogger(every_n_steps=1), ResultsWriter()], "absent": [PromptLogger(every_n_steps=1)]}
+    for name, callbacks in runs.items():
+        _fit(_module(tiny_model, steps=2, batch_size=2), image_folder, tmp_path / name, callbacks=callbacks, limit=2)
+        rows = read_jsonl(tmp_path / name / "prompts.jsonl")
+        assert sorted(r["image_id"] for r in rows) == ["img0.png", "img1.png"], name
+        assert all(isinstance(r["best_loss"], float) and r["steps"] == 2 for r in rows), name
+
+
+def test_steps_batch_size_and_model_have_one_home(tiny_model, image_folder, tmp_path):
+    """From Python the data follows the module's steps and model and the module the data's batch
+    size; two different values are a one-line error, not 0 lines written or a raw RuntimeError."""
+    module = PromptInversion(model=tiny_model, prompt_length=2, steps=3, max_iter=1, init_prompt=None)
+    data = ImageDataModule(root=image_folder, batch_size=2, limit=2)
+    trainer = L.Trainer(default_root_dir=tmp_path / "ok", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)
+    trainer.fit(module, datamodule=data)
+    rows = read_jsonl(tmp_path / "ok" / "prompts.jsonl")
+    assert len(rows) == 2 and all(r["steps"] == 3 for r in rows)
+    assert module.soft_prompt.shape[0] == 2
+    for name, model_kw, data_kw, match in [
+        ("steps", {"steps": 4}, {"steps": 2}, "data.steps=2 but model.steps=4"),
+        ("batch", {"batch_size": 3}, {"batch_size": 2}, "model.batch_size=3 but data.batch_size=2"),
+    ]:
+        module = PromptInversion(model=tiny_model, prompt_length=2, max_iter=1, init_prompt=None,
+                                 **{"steps": 1, **model_kw})
+        data = ImageDataModule(root=image_folder, limit=2, **{"batch_size": 2, **data_kw})
+        trainer = L.Trainer(default_root_dir=tmp_path / name, max_epochs=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False)
+        with pytest.raises(InputError, match=match):
+            trainer.fit(module, datamodule=data)
+
+
+def test_each_image_has_a_textual_inversion_file_that_diffusers_loads(tiny_model, image_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    module = _module(tiny_model, steps=2, batch_size=2)
+    _fit(module, image_folder, tmp_path, limit=2)
+    rows = {r["image_id"]: r for r in read_jsonl(tmp_path / "prompts.jsonl")}
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    for image_id, row in rows.items():
+        (token, vectors), = load_file(tmp_path / row["embedding"]).items()
+        assert token == f"<{image_id}>" and vectors.shape == (4, module.backbone.token_table.shape[1])
+        pipe.load_textual_inversion(tmp_path / row["embedding"])
+        text = pipe.maybe_convert_prompt(f"a {token} b", pipe.tokenizer)  # diffusers' multi-vector expansion
+        ids = pipe.tokenizer(text, add_special_tokens=False).input_ids[1:-1]
+        assert len(ids) == 4  # the token stands for the image's 4 soft vectors
+        table = pipe.text_encoder.get_input_embeddings().weight
+        assert torch.equal(table[ids].detach(), vectors)
+    # The continuous prompt is where the run left the soft prompt: its projection is the final prompt.
+    vectors = load_file(tmp_path / rows["img0.png"]["embedding"])["<img0.png>"]
+    assert module.vocab.decode(module.vocab.project(vectors[None])[0].tolist()) == rows["img0.png"]["final_prompt"]

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from ph2p_lit.attention import CrossAttentionRecorder, prompt_tokens, token_attention
-from ph2p_lit.backbone import DEMO_MODEL, Backbone
-from ph2p_lit.runfiles import read_jsonl
+from ph2p_lit.backbone import Backbone
 from ph2p_lit.demo.train import to_tensor
 from ph2p_lit.demo.world import make_renders
 from ph2p_lit.errors import InputError
 from ph2p_lit.npi import apply_edit, ddim_invert, reconstruct
+from ph2p_lit.runs import read_jsonl
 
 PH2P = [sys.executable, "-m", "ph2p_lit.cli"]
 
@@ -124,7 +124,7 @@ def test_reconstruct_writes_one_line_per_image_resumes_and_reuses_inverted_laten
     for r in rows:
         assert Image.open(tmp_path / "rec" / r["image"]).size == (16, 16)
         assert Image.open(tmp_path / "rec" / r["target"]).size == (16, 16)
-        arrays = np.load(tmp_path / "rec" / r["image"].replace("images/", "attention/").replace(".png", ".npz"))
+        arrays = np.load((tmp_path / "rec" / r["image"].replace("images/", "attention/")).with_suffix(".npz"))
         assert arrays["maps"].shape == (len(arrays["tokens"]), 16, 16)
     page = (tmp_path / "rec" / "reconstruct.html").read_text()
     assert all(r["image"] in page and r["target"] in page for r in rows)
@@ -163,7 +163,7 @@ def test_generate_writes_a_grid_per_prompt_with_the_target_first(tiny_model, ima
     result = subprocess.run(PH2P + args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     grids = sorted((tmp_path / "gen").glob("*.png"))
-    assert [g.name for g in grids] == ["img0.png", "img1.png", "img2.png"]
+    assert [g.name for g in grids] == ["img0.png.png", "img1.png.png", "img2.png.png"]
     grid = np.asarray(Image.open(grids[0]))
     assert grid.shape == (128, 4 * 128, 3)  # target + 3 seeds, 16 px scaled to 128
     tiles = grid.reshape(128, 4, 128, 3).transpose(1, 0, 2, 3)
@@ -201,16 +201,9 @@ def test_compose_chains_concepts_into_one_html_page(tiny_model, image_folder, tm
         compose(concepts[:1], out=str(tmp_path / "d"), config=str(config))
 
 
-def test_two_images_with_one_stem_get_two_grids():
-    from ph2p_lit.generate import grid_names
-
-    names = grid_names(["a.png", "a.jpg", "sub/b.png", "c.png"])
-    assert names == {"a.png": "a.png.png", "a.jpg": "a.jpg.png", "sub/b.png": "sub__b.png", "c.png": "c.png"}
-
-
 def test_reconstruct_folds_another_ranks_lines_into_one_file(tiny_model, image_folder, tmp_path):
     """A DDP run's reconstructions.rank1.jsonl reaches reconstructions.jsonl (it stayed apart before)."""
-    from ph2p_lit.runfiles import append_line
+    from ph2p_lit.runs import append_line
 
     prompts = _invert(tiny_model, image_folder, tmp_path / "inv")
     out = tmp_path / "rec"

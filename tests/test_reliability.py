@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ph2p_lit import runfiles
+from ph2p_lit import runs
 from ph2p_lit.callbacks import ResultsWriter
 from ph2p_lit.data import ImageDataModule
 from ph2p_lit.errors import InputError
 from ph2p_lit.inversion import PromptInversion
-from ph2p_lit.runfiles import append_line, read_jsonl
+from ph2p_lit.runs import append_line, read_jsonl
 
 
 def _invert(tiny_model, root, run_dir, **data_kw):
@@ -51,10 +51,10 @@ def test_a_full_disk_mid_line_leaves_whole_lines_and_one_line_error(tmp_path, mo
     append_line(path, {"image_id": "a"})
 
     def half_then_full(fd, data):
-        runfiles.os.write(fd, data[: len(data) // 2])
+        runs.os.write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runfiles, "_write", half_then_full)
+    monkeypatch.setattr(runs, "_write", half_then_full)
     with pytest.raises(InputError, match="prompts.jsonl: cannot write .No space left on device.; free some space") as e:
         append_line(path, {"image_id": "b", "prompt": "x" * 100})
     assert "\n" not in str(e.value)
@@ -86,7 +86,7 @@ def test_disk_full_and_torn_line_mid_run_then_rerun_gives_every_image_once(tiny_
     """Fault injection: the second image's line hits a full disk half-way; the run stops with the
     one-line error; a crash then tears a line; the rerun inverts what is missing, each image once."""
     root, run = _folder(tmp_path), tmp_path / "run"
-    real, calls = runfiles._write, []
+    real, calls = runs._write, []
 
     def disk_full_on_second_result(fd, data):
         if b'"image_id"' in data and b"prompt" in data:
@@ -96,10 +96,10 @@ def test_disk_full_and_torn_line_mid_run_then_rerun_gives_every_image_once(tiny_
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
 
-    monkeypatch.setattr(runfiles, "_write", disk_full_on_second_result)
+    monkeypatch.setattr(runs, "_write", disk_full_on_second_result)
     with pytest.raises(InputError, match="No space left"):
         _invert(tiny_model, root, run)
-    monkeypatch.setattr(runfiles, "_write", real)
+    monkeypatch.setattr(runs, "_write", real)
     assert [r["image_id"] for r in read_jsonl(run / "prompts.jsonl")] == ["img0.png"]
     with open(run / "prompts.jsonl", "a") as f:
         f.write('{"image_id": "img1.png", "prompt": "to')  # a crash tears the next line
@@ -231,7 +231,7 @@ def test_a_checkpoint_path_that_is_missing_or_garbage_is_one_line(tiny_model, tm
 
 
 def test_a_second_run_on_a_busy_run_folder_stops_with_one_line(tiny_model, tmp_path):
-    from ph2p_lit.runfiles import RunLock
+    from ph2p_lit.runs import RunLock
 
     root, run = _folder(tmp_path), tmp_path / "run"
     run.mkdir()
@@ -256,7 +256,7 @@ def test_a_folder_of_only_bad_files_says_why(tmp_path):
 
 
 def test_a_dark_16_bit_image_stays_dark():
-    from ph2p_lit.data import to_rgb
+    from ph2p_lit.images import to_rgb
 
     dark = Image.fromarray(np.full((4, 4), 200, dtype=np.uint16))
     assert dark.mode.startswith("I;16")
@@ -342,7 +342,7 @@ def test_links_that_loop_or_lead_nowhere_and_unreadable_folders_are_listed(tiny_
 
 
 def test_a_file_name_with_a_newline_keeps_to_its_row_of_the_table(tmp_path, capsys):
-    from ph2p_lit.cli import print_table
+    from ph2p_lit.lightning_cli import print_table
 
     append_line(tmp_path / "prompts.jsonl", {"image_id": "two\nlines.png", "caption": "a\tb", "prompt": "a red star"})
     append_line(tmp_path / "prompts.jsonl", {"image_id": "plain.png", "caption": "c", "prompt": "a blue moon"})

@@ -10,7 +10,7 @@ from PIL import Image
 from ph2p_lit.architectures import build_pipeline
 from ph2p_lit.backbone import Backbone
 from ph2p_lit.cli import main
-from ph2p_lit.runfiles import read_jsonl
+from ph2p_lit.runs import read_jsonl
 from ph2p_lit.vocab import Vocabulary
 
 
@@ -76,7 +76,7 @@ def test_invert_generate_reconstruct_and_a_checkpoint_of_only_the_soft_prompts(t
 
     main(["generate", f"--model={tiny_sdxl}", f"--prompts={tmp_path / 'run' / 'prompts.jsonl'}",
           f"--out={tmp_path / 'gen'}", "--steps=2", "--images_per_prompt=2"])
-    with Image.open(tmp_path / "gen" / "i0.png") as grid:
+    with Image.open(tmp_path / "gen" / "i0.png.png") as grid:
         assert grid.width >= 3 * grid.height  # the target and two generated images
 
     main(["reconstruct", f"--model.model={tiny_sdxl}", f"--data.prompts={tmp_path / 'run' / 'prompts.jsonl'}",

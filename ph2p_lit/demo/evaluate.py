@@ -15,7 +15,14 @@ from ..backbone import Backbone
 from ..generate import generate
 from .oracle import AttributeOracle
 from .train import to_tensor
-from .world import ATTRIBUTE_VALUES, CONTENT_ATTRIBUTES, Scene, attributes_in_text, make_renders, world_words
+from .world import (
+    ATTRIBUTE_VALUES,
+    CONTENT_ATTRIBUTES,
+    Scene,
+    attributes_in_text,
+    make_renders,
+    world_words,
+)
 
 # English function words: tokens that are not junk even though no caption of the world uses them.
 FUNCTION_WORDS = frozenset(

@@ -1,10 +1,18 @@
-"""Files of a run folder written so that a crash loses nothing already written: whole-line
-appends that are fsynced, whole-file atomic replacement, and a reader that skips a torn line."""
+"""The run folder: the one owner of the files a command writes per image.
+
+What it owns: each image id's file name (`file_name`: one name per id, never shared), per-rank
+result files and their merge (`RunFolder.append` / `merge`), whole-line appends that are fsynced
+and repair a torn last line, whole-file atomic writes (`write_text_atomic`, `save_atomic`), the
+set of finished images (`RunFolder.rows` / `done_keys`), and the lock that keeps a second run out
+(`RunLock`). Written so that a crash loses nothing already written.
+"""
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import InputError
@@ -76,6 +84,31 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise _write_error(path, e) from None
 
 
+def save_atomic(path: Path, save: Callable[[Path], None]) -> None:
+    """`save(tmp)` writes the file (an image, a tensor, an archive), then it takes `path`'s
+    place in one rename: readers never see half a file, a killed run leaves the old one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")  # keeps the suffix: PIL picks the format by it
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, e) from None
+
+
+def file_name(image_id: str) -> str:
+    """The file name an image's results are kept under: the id with "/" as "__", extension kept
+    (a.png and a.jpg stay apart). Ids the plain rule could confuse ("a__b" vs "a/b", "a_/b" vs
+    "a/_b"), hidden names and names too long for a file system get a hash of the id after "~"
+    instead, so no two ids ever share a name."""
+    name = image_id.replace("/", "__")
+    ambiguous = any(s in image_id for s in ("__", "_/", "/_", "~")) or image_id.startswith(".")
+    if ambiguous or len(name.encode()) > 200:
+        digest = hashlib.sha1(image_id.encode()).hexdigest()[:10]
+        name = f"{name.lstrip('.').encode()[:150].decode(errors='ignore')}~{digest}"
+    return name
+
+
 def merge_rank_files(final: Path, key) -> None:
     """Fold the other ranks' files (final's name with .rank<N> before .jsonl) into `final`: sorted,
     one line per key(row), written atomically, then the rank files removed. Run on one process
@@ -122,3 +155,51 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+
+class RunFolder:
+    """One command's run folder (trainer.default_root_dir): where its per-image results live.
+
+    Results are `<kind>.jsonl` ("prompts", "reconstructions"): rank 0 writes that file, rank r
+    `<kind>.rank<r>.jsonl`, and `merge` folds them into the first when the run ends. Readers go
+    through `rows`, which sees every rank's lines whether merged yet or not.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def results_file(self, kind: str, rank: int = 0) -> Path:
+        return self.path / (f"{kind}.jsonl" if rank == 0 else f"{kind}.rank{rank}.jsonl")
+
+    def append(self, kind: str, record: dict, rank: int = 0) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        append_line(self.results_file(kind, rank), record)
+
+    def rows(self, kind: str) -> list[dict]:
+        """Every rank's result lines, checked: a line without image_id is named, not skipped."""
+        rows = []
+        for path in [self.results_file(kind), *sorted(self.path.glob(f"{kind}.rank*.jsonl"))]:
+            if not path.is_file():
+                continue
+            found = read_jsonl(path)
+            if any(not isinstance(row, dict) or "image_id" not in row for row in found):
+                raise InputError(f"{path}: a line without image_id; each line is one image's result: "
+                                 "delete that line (its image is then done again)")
+            rows += found
+        return rows
+
+    def done_keys(self, kind: str) -> set[tuple[str, str | None]]:
+        """(image id, settings key) of every result already in the folder."""
+        return {(row["image_id"], row.get("settings")) for row in self.rows(kind)}
+
+    def merge(self, kind: str, key=lambda row: row["image_id"]) -> None:
+        merge_rank_files(self.results_file(kind), key)
+
+    def image_file(self, folder: str, image_id: str, suffix: str) -> Path:
+        """`<run>/<folder>/<file_name(image_id)><suffix>`, its folder made."""
+        (self.path / folder).mkdir(parents=True, exist_ok=True)
+        return self.path / folder / f"{file_name(image_id)}{suffix}"
+
+    def lock(self) -> "RunLock":
+        self.path.mkdir(parents=True, exist_ok=True)
+        return RunLock(self.path)

@@ -1,0 +1,77 @@
+"""The Python API: what `ph2p invert` does, from a notebook or a script, in two lines.
+
+    from ph2p_lit import invert
+    rows = invert(["a.png", "b.png"], config="demo", model={"steps": 10})
+
+The settings go through the same parser as the command line (the config's YAML, then the
+keyword sections on top), so a config, the CLI and this function give the same run.
+"""
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from .configs import packaged_config
+from .errors import InputError
+from .lightning_cli import run_inversion
+from .runs import RunFolder
+
+SOURCES = ("root", "files", "dataset")
+
+
+def invert(
+    images: str | Path | list[str | Path],
+    config: str | None = "demo",
+    run_dir: str | Path | None = None,
+    model: dict | None = None,
+    data: dict | None = None,
+    trainer: dict | None = None,
+    ckpt_path: str | None = None,
+    table: bool = False,
+) -> list[dict]:
+    """Recover a prompt per image; returns their lines of prompts.jsonl, in the order given.
+
+    images: image files, or one folder (searched as data.root).
+    config: a YAML config file, or the name of a shipped one (demo, sd15, sd21, sdxl); None:
+        the defaults alone.
+    run_dir: the run folder (trainer.default_root_dir); None: the config's. Images already done
+        there are not inverted again: their lines are returned as they are.
+    model, data, trainer: settings on top of the config's, as in its YAML sections, e.g.
+        model={"steps": 100, "refinement": None}, trainer={"callbacks": []}.
+    ckpt_path: resume from this checkpoint ("last": the run folder's newest).
+    table: print the table of prompts, as the command does.
+    """
+    settings = _load(config)
+    for section, values in (("model", model), ("data", data), ("trainer", trainer)):
+        settings.setdefault(section, {}).update(copy.deepcopy(values or {}))
+    paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
+    if not paths:
+        raise InputError("images: give one or more image files or a folder")
+    source = {"root": str(paths[0])} if len(paths) == 1 and paths[0].is_dir() else {"files": [str(p) for p in paths]}
+    settings["data"] = {**settings["data"], **{k: None for k in SOURCES}, **source}  # these images, not the config's
+    if run_dir is not None:
+        settings["trainer"]["default_root_dir"] = str(run_dir)
+    if ckpt_path is not None:
+        settings["ckpt_path"] = ckpt_path
+    folder = run_inversion(settings, table=table)
+    rows = RunFolder(folder).rows("prompts")
+    if "root" in source:
+        return sorted(rows, key=lambda row: row["image_id"])
+    by_source = {row.get("source"): row for row in rows}
+    return [by_source[str(p)] for p in paths if str(p) in by_source]
+
+
+def _load(config: str | None) -> dict:
+    if config is None:
+        return {}
+    path = Path(packaged_config(config))
+    if not path.is_file():
+        raise InputError(f"config={config}: no such file, and no shipped config of that name (demo, sd15, sd21, sdxl)")
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(settings, dict):
+        raise InputError(f"{path}: expected model:, data: and trainer: sections")
+    return settings

@@ -1,0 +1,115 @@
+"""Images in and out: what a file on disk becomes for the model (`to_rgb`, `to_pixels`), what the
+model's output becomes for a person (`to_uint8`, `image_grid`), and where the images and their
+captions are (`find_images`, `read_captions`). Every command converts through here."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .errors import InputError
+
+DEMO_IMAGES = Path(__file__).parent / "demo" / "images"  # data.root: demo
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_KEYS = ("text", "caption", "prompt")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited on white, 16-bit is scaled down."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        # A 16-bit image is scaled by its format's range, not by its values: a dark one (all <= 255)
+        # is dark, not bright. Mode "I" (32-bit) keeps the old guess, as it has no fixed range.
+        scale = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "P", "PA") and ("transparency" in image.info or image.mode.endswith("A")):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the shorter side, centre-crop, scale to [-1, 1]: (3, R, R)."""
+    image = ImageOps.fit(to_rgb(image), (resolution, resolution), method=Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def read_captions(root: Path) -> dict[str, str]:
+    """Captions from an imagefolder's metadata.jsonl (file_name + text/caption/prompt)."""
+    captions = {}
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        for number, line in enumerate(read_text(meta).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{meta}: line {number} is not JSON ({e.msg}); fix or delete it") from None
+            if not isinstance(row, dict) or "file_name" not in row:
+                raise InputError(f"{meta}: line {number} has no file_name; each line names an image and its caption")
+            text = next((row[k] for k in CAPTION_KEYS if k in row), None)
+            if text is not None:
+                captions[row["file_name"]] = text
+    return captions
+
+
+def read_text(path: Path) -> str:
+    """A caption file as text: UTF-8, or Latin-1 where it is not UTF-8 (older tools write it)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def find_images(root: Path) -> tuple[list[Path], list[dict]]:
+    """Image files under `root`, recursively and sorted, following links to folders once each.
+
+    What cannot be searched (an unreadable folder, a link back to a folder already searched, a
+    link to a missing file) is returned as a failure to report, not dropped without a word.
+    """
+    paths, failures, seen = [], [], {os.path.realpath(root)}
+
+    def fail(path: str, error: str) -> None:
+        failures.append({"image_id": Path(path).relative_to(root).as_posix(), "source": path, "error": error})
+
+    def unreadable(e: OSError) -> None:
+        fail(e.filename, f"{type(e).__name__}: cannot list this folder ({e.strerror})")
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+        for name in list(dirs):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in seen:  # a loop, or a second way to a folder: search it once
+                dirs.remove(name)
+                fail(os.path.join(folder, name), f"link to {real}, a folder already searched; not followed")
+            seen.add(real)
+        for name in files:
+            path = Path(folder, name)
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            if path.is_file():
+                paths.append(path)
+            else:
+                fail(str(path), f"link to {os.path.realpath(path)}, which does not exist")
+    return sorted(paths), failures
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(tiles: list[Image.Image], min_tile: int = 128, gap: int = 0) -> Image.Image:
+    """Tiles side by side, each scaled up (nearest) to at least `min_tile` pixels for viewing,
+    `gap` white pixels apart."""
+    side = max(tiles[0].width, min_tile)
+    grid = Image.new("RGB", (side * len(tiles) + gap * (len(tiles) - 1), side), "white")
+    for k, tile in enumerate(tiles):
+        grid.paste(tile.resize((side, side), Image.Resampling.NEAREST), (k * (side + gap), 0))
+    return grid
