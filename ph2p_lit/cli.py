@@ -24,16 +24,6 @@ from .lightning_cli import (
     run_reconstruction,
 )
 
-COMMANDS = {
-    **DESCRIPTIONS,
-    "generate": "images from prompts, several seeds each, one grid per prompt",
-    "evaluate": "measure a run's prompts: CLIP, LPIPS, BERTScore (and the demo world's oracle)",
-    "compose": "compose concepts: invert A and B, join prompts, generate, invert again, add C (HTML)",
-    "train-demo": "train the demo model and its oracle on the procedural world",
-    "train-caption-lm": "train the demo world's caption language model (the demo's language prior)",
-}
-
-
 def call(command: str, function, args: list[str]) -> None:
     """Run a function command through jsonargparse, its parse errors as one line."""
     try:
@@ -43,28 +33,40 @@ def call(command: str, function, args: list[str]) -> None:
         raise argument_error(command, e, options) from None
 
 
-FUNCTIONS = {"generate": generate_grids, "evaluate": evaluate_run, "compose": compose_concepts,
-             "train-demo": train_demo_model, "train-caption-lm": train_caption_model}
+def function_command(name: str, function):
+    return lambda args: call(name, function, args)
+
+
+# One registry: each command's line for `ph2p --help` and what runs it.
+COMMANDS = {
+    "invert": (DESCRIPTIONS["invert"], run_inversion),
+    "reconstruct": (DESCRIPTIONS["reconstruct"], run_reconstruction),
+    "generate": ("images from prompts, several seeds each, one grid per prompt",
+                 function_command("generate", generate_grids)),
+    "evaluate": ("measure a run's prompts: CLIP, LPIPS, BERTScore (and the demo world's oracle)",
+                 function_command("evaluate", evaluate_run)),
+    "compose": ("compose concepts: invert A and B, join prompts, generate, invert again, add C (HTML)",
+                function_command("compose", compose_concepts)),
+    "train-demo": ("train the demo model and its oracle on the procedural world",
+                   function_command("train-demo", train_demo_model)),
+    "train-caption-lm": ("train the demo world's caption language model (the demo's language prior)",
+                         function_command("train-caption-lm", train_caption_model)),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: ph2p COMMAND [--config FILE] [options]\n\ncommands:")
-        for name, text in COMMANDS.items():
+        for name, (text, _) in COMMANDS.items():
             print(f"  {name:<12} {text}")
         print("\n`ph2p COMMAND --help` lists a command's options; --print_config shows its full config.")
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"ph2p: unknown command {argv[0]!r}")
         return
     try:
-        command, args = argv[0], argv[1:]
-        if command == "invert":
-            run_inversion(args)
-        elif command == "reconstruct":
-            run_reconstruction(args)
-        else:
-            call(command, FUNCTIONS[command], args)
+        _, run = COMMANDS[argv[0]]
+        run(argv[1:])
     except InputError as e:
         raise SystemExit(f"ph2p {argv[0]}: error: {e}") from None
     except MisconfigurationException as e:  # Lightning's word on the trainer settings, e.g. a GPU on a CPU-only machine

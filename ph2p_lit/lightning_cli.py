@@ -3,12 +3,16 @@ errors, the order of --help), the run, the table of prompts. The Python API (api
 same parser on a dict of settings."""
 
 import argparse
+import logging
 import difflib
 import pickle
 import re
+import warnings
 from pathlib import Path
 
+from diffusers.utils import logging as diffusers_logging
 from lightning.pytorch.cli import LightningCLI
+from transformers.utils import logging as transformers_logging
 
 from .configs import with_packaged_configs
 from .data import ImageDataModule, PromptedImages
@@ -100,6 +104,7 @@ class InversionCLI(ParsingCLI):
                 "trainer.callbacks": DEFAULT_CALLBACKS,
                 "trainer.enable_checkpointing": False,
                 "trainer.logger": False,
+                "trainer.enable_model_summary": False,  # the soft prompt is the only parameter: nothing to summarise
                 "trainer.num_sanity_val_steps": 0,
                 "trainer.use_distributed_sampler": False,  # the DataModule shards images by rank itself
             }
@@ -126,11 +131,25 @@ class ReconstructionCLI(ParsingCLI):
                 "trainer.default_root_dir": "runs/reconstruct",
                 "trainer.callbacks": [{"class_path": "ph2p_lit.reconstruction.ReconstructionWriter"}],
                 "trainer.logger": False,
+                "trainer.enable_model_summary": False,  # the soft prompt is the only parameter: nothing to summarise
                 "trainer.enable_checkpointing": False,
                 "trainer.use_distributed_sampler": False,  # PromptedImages shards images by rank itself
             }
         )
         options_before_trainer(parser)
+
+
+def quiet_libraries() -> None:
+    """Between the command and its progress bar, nothing the user did not ask for: no notes on
+    which accelerators exist, no tips, no per-file weight-loading bars (the command's own bar,
+    table and errors stay)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    # Lightning's own use of a torch API it has not moved off yet; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def one_line(text: str) -> str:
@@ -158,6 +177,7 @@ def print_table(run_dir: Path) -> None:
 def run_inversion(args: list[str] | dict, table: bool = True) -> Path:
     """Parse (command-line arguments, or the API's settings as a dict), invert, print the table;
     returns the run folder."""
+    quiet_libraries()
     cli = InversionCLI(
         PromptInversion,
         ImageDataModule,
@@ -167,6 +187,7 @@ def run_inversion(args: list[str] | dict, table: bool = True) -> Path:
         subclass_mode_model=False,
         parser_kwargs=parser_settings("invert"),
         auto_configure_optimizers=False,  # the module has its own optimiser (model.optimizer)
+        seed_everything_default=False,  # every random draw is seeded by image id (sampler.py); no global seed to set
     )
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path not in (None, "last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
@@ -199,7 +220,9 @@ def _is_checkpoint_error(e: Exception) -> bool:
 
 
 def run_reconstruction(args: list[str]) -> None:
+    quiet_libraries()
     cli = ReconstructionCLI(Reconstruction, PromptedImages, args=args, run=False,
                             save_config_kwargs={"overwrite": True}, subclass_mode_model=False,
-                            parser_kwargs=parser_settings("reconstruct"), auto_configure_optimizers=False)
+                            parser_kwargs=parser_settings("reconstruct"), auto_configure_optimizers=False,
+                            seed_everything_default=False)
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)

@@ -34,6 +34,13 @@ def test_print_config_round_trip_and_results_per_image(tiny_model, image_folder,
     config.write_text(printed.stdout)
     result = _run(["invert", f"--config={config}"])
     assert result.returncode == 0, result.stderr[-3000:]
+    # A quiet terminal: the progress bars, the table and where it is, nothing else (no seed notes,
+    # accelerator lines, tips, weight-loading bars, model summary or library warnings).
+    frames = [f.strip() for f in (result.stderr + result.stdout).replace("\r", "\n").splitlines() if f.strip()]
+    bars = ("Training:", "Epoch 0:", "invert:", "report:")
+    other = [f for f in frames if not f.startswith(bars)]
+    assert other[0].split() == ["image", "caption", "prompt"], frames[:12]
+    assert len(other) == 1 + 4 + 1, other  # the header, a row per image, the line naming prompts.jsonl
     rows = read_jsonl(run_dir / "prompts.jsonl")
     assert sorted(r["image_id"] for r in rows) == [f"img{i}.png" for i in range(4)]
     assert (run_dir / "config.yaml").is_file()

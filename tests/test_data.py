@@ -122,6 +122,7 @@ def test_a_restarted_run_skips_images_it_already_inverted(tiny_model, image_fold
     assert data.rank_indices() == []  # nothing is left to do
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the point of the test
 def test_a_very_large_image_is_resized(tmp_path):
     """10000 x 10000 (100 M pixels: PIL warns above 89 M) is read, resized and cropped."""
     Image.new("RGB", (10000, 10000), (200, 30, 30)).save(tmp_path / "huge.png")
