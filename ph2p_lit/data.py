@@ -1,170 +1,92 @@
-"""ImageDataModule: target images from a folder, a file list or a Hugging Face dataset.
+"""The two DataModules: target images for `ph2p invert` (ImageDataModule) and images with their
+prompts for `ph2p reconstruct` (PromptedImages).
 
-Images are resized and centre-cropped to the model's resolution. Each rank gets a disjoint,
-stable slice of the images; each batch is repeated `steps` times, one optimiser step each.
+Both take their images from image_sets (found, captioned, checked, decoded once per batch), skip
+the images the run folder already has (runs.RunFolder), give each rank a disjoint stride slice,
+and follow the module's `model` (and, for inversion, its `steps`).
 """
 
-import logging
-from collections import OrderedDict
 from pathlib import Path
 
 import lightning as L
-from diffusers import AutoencoderKL
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
+from torch.utils.data import DataLoader, Subset, default_collate
 
-from .backbone import resolve_model
+from .batching import RepeatedBatches, in_flight, rank_batches
 from .errors import InputError
-from .images import DEMO_IMAGES, find_images, read_captions, read_text, to_pixels
+from .image_sets import (
+    ImageFiles,
+    file_items,
+    hub_images,
+    model_resolution,
+    pair_negatives,
+    readable,
+)
 from .runs import RunFolder, read_jsonl
 
-log = logging.getLogger(__name__)
 
-class DecodedOnce(Dataset):
-    """A dataset that keeps its most recently loaded items: a batch is asked for once per
-    optimiser step, and decoding a large image at every step costs more than the step."""
+class RunImages(L.LightningDataModule):
+    """What both DataModules share: the images left to do in the run folder, this rank's share of
+    them, and the settings that are the module's. Each DataModule names its results
+    (`results_kind`: the run folder's lines that mark an image done) and says what skipping means
+    (`done_means`)."""
 
-    keep = 64  # items kept; the DataModule sets it to its batch size
+    results_kind: str
+    done_means: str
 
-    def __getitem__(self, i: int) -> dict:
-        cache = self.__dict__.setdefault("_recent", OrderedDict())
-        if i in cache:
-            cache.move_to_end(i)
-            return cache[i]
-        item = cache[i] = self.load(i)
-        while len(cache) > self.keep:
-            cache.popitem(last=False)
-        return item
+    def model_setting(self, key: str):
+        """steps and model are the module's: the data follows them, and a value of its own must
+        agree (set from Python, the two could otherwise differ without a word)."""
+        own = self.hparams.get(key)
+        module = self.trainer.lightning_module if self.trainer else None
+        theirs = module.hparams.get(key) if module is not None else None
+        if own is not None and theirs is not None and own != theirs:
+            raise InputError(f"data.{key}={own} but model.{key}={theirs}: set model.{key} only (the data follows it)")
+        return own if own is not None else theirs
 
-    def load(self, i: int) -> dict:
-        raise NotImplementedError
+    def resolution(self) -> int:
+        hp = self.hparams
+        return hp.resolution or model_resolution(self.model_setting("model") or "demo", hp.local_files_only)
 
+    def found(self, images, failures: list[dict], where) -> None:
+        """Keep the images found (a dataset) and the failures; no image at all is an error."""
+        self.images, self.failures = images, failures
+        if len(images) == 0:
+            why = f" ({len(failures)} could not be read; first: {failures[0]['source']}: " \
+                  f"{failures[0]['error']})" if failures else ""
+            raise InputError(f"data: no readable images in {where}{why}")
 
-class ImageFiles(DecodedOnce):
-    """Images on disk with optional captions; ids are paths relative to their root."""
+    def item_key(self, i: int) -> tuple[str, str | None]:
+        """What a result line must match to count image i as done: its id (an inversion's prompt
+        does not depend on settings a rerun would change; a new run folder is a new run)."""
+        return self.images.image_ids()[i], None
 
-    def __init__(self, items: list[dict], resolution: int):
-        self.items, self.resolution = items, resolution
-        self.ids = [item["image_id"] for item in items]  # built once: planning reads it per image
+    def todo_indices(self, skip_done: bool = True) -> list[int]:
+        """Indices of the images without a result in the run folder yet (all of them, if not skip_done)."""
+        if not (skip_done and self.hparams.skip_done and self.trainer):
+            return list(range(len(self.images)))
+        done = RunFolder(self.trainer.default_root_dir).done_keys(self.results_kind)
+        todo = [i for i in range(len(self.images)) if self.item_key(i) not in done]
+        skipped = len(self.images) - len(todo)
+        if skipped and not getattr(self, "_said_skipped", False) and self._rank() == 0:
+            self._said_skipped = True  # said once per run, however often the list is asked for
+            print(f"{skipped} of {len(self.images)} images " + self.done_means.format(
+                dir=self.trainer.default_root_dir, todo=len(todo)))
+        return todo
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def rank_indices(self, skip_done: bool = True) -> list[int]:
+        """This rank's images: a stride slice of those not done, so every image goes to exactly
+        one rank."""
+        return self.todo_indices(skip_done)[self._rank() :: self._world()]
 
-    def image_ids(self) -> list[str]:
-        return self.ids
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer else 0
 
-    def load(self, i: int) -> dict:
-        item = self.items[i]
-        with Image.open(item["source"]) as image:
-            pixels = to_pixels(image, self.resolution)
-        if "negative_source" not in item:
-            return {**item, "pixels": pixels}
-        with Image.open(item["negative_source"]) as image:
-            return {**item, "pixels": pixels, "negative_pixels": to_pixels(image, self.resolution)}
-
-
-class HFImages(DecodedOnce):
-    """A Hugging Face `datasets` dataset with an image column and an optional caption column."""
-
-    def __init__(self, dataset, image_column: str, caption_column: str | None, name: str, resolution: int):
-        self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
-        self.name, self.resolution = name, resolution
-        self.ids, self.sources = self._names()
-
-    def _names(self) -> tuple[list[str], list[str]]:
-        """Each image's file where the dataset keeps one (an imagefolder does): its name is the id
-        and its path the source, so the report, `reconstruct` and `generate` find the image.
-        Otherwise (images stored as bytes) the row number and `name[row]`."""
-        import datasets
-
-        rows = range(len(self.dataset))
-        try:
-            column = self.dataset.cast_column(self.image_column, datasets.Image(decode=False))[self.image_column]
-            paths = [cell.get("path") if isinstance(cell, dict) else None for cell in column]
-        except (ValueError, TypeError):  # not an image feature
-            paths = [None] * len(self.dataset)
-        if all(p and Path(p).is_file() for p in paths):
-            names = [Path(p).name for p in paths]
-            ids = names if len(set(names)) == len(names) else [Path(p).as_posix() for p in paths]
-            return ids, [str(p) for p in paths]
-        return [f"{i:06d}" for i in rows], [f"{self.name}[{i}]" for i in rows]
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def image_ids(self) -> list[str]:
-        return self.ids
-
-    def load(self, i: int) -> dict:
-        row = self.dataset[i]
-        caption = row.get(self.caption_column) if self.caption_column else None
-        return {
-            "image_id": self.ids[i],
-            "source": self.sources[i],
-            "caption": caption or "",
-            "pixels": to_pixels(row[self.image_column], self.resolution),
-        }
+    def _world(self) -> int:
+        return self.trainer.world_size if self.trainer else 1
 
 
-class RepeatedBatches(Sampler):
-    """A plan of (batch of indices, repeats) pairs: each batch yielded `repeats` times in a row,
-    one optimiser step each.
 
-    consumed: items the run had already consumed before a restart from a checkpoint. Lightning
-    restores its batch count and expects only the remaining ones, so they count in len() but are
-    not yielded again.
-    """
-
-    def __init__(self, plan: list[tuple[list[int], int]], consumed: int = 0):
-        self.plan, self.consumed = plan, consumed
-
-    def __iter__(self):
-        for batch, repeats in self.plan:
-            for _ in range(repeats):
-                yield batch
-
-    def __len__(self) -> int:
-        return self.consumed + sum(repeats for _, repeats in self.plan)
-
-    def n_images(self) -> int:
-        return len({i for batch, _ in self.plan for i in batch})
-
-    def images_at(self, consumed: int) -> tuple[int, int]:
-        """(first, last) ordinal of the images being inverted after `consumed` items, from 1."""
-        seen, position = set(), self.consumed
-        for batch, repeats in self.plan:
-            if consumed < position + repeats:
-                first = len(seen) + 1
-                return first, first + len(set(batch) - seen) - 1
-            seen |= set(batch)
-            position += repeats
-        return len(seen), len(seen)
-
-
-def rank_batches(items: list, batch_size: int, world: int, rank: int) -> list[list]:
-    """Rank `rank`'s stride slice of `items` in batches. Under DDP ranks step in lockstep, so every
-    rank gets the longest shard's batch count: a shorter one repeats its last batch (a repeat of a
-    finished batch costs nothing), and a rank left without items repeats the last item (the merge of
-    the rank files keeps one line per image)."""
-    shards = [items[r::world] for r in range(world)]
-    n_batches = max(-(-len(shard) // batch_size) for shard in shards)
-    mine = shards[rank] or items[-1:]
-    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    return batches + batches[-1:] * (n_batches - len(batches))
-
-
-def in_flight(plan: list[tuple[list, int]], consumed: int) -> tuple[list, int]:
-    """The batch of `plan` that `consumed` items stop inside, and how many of its repeats were
-    used; ([], 0) when they stop between batches."""
-    position = 0
-    for batch, repeats in plan:
-        if consumed < position + repeats:
-            return (batch, consumed - position) if consumed > position else ([], 0)
-        position += repeats
-    return [], 0
-
-
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(RunImages):
     """Target images for inversion.
 
     Args:
@@ -190,6 +112,9 @@ class ImageDataModule(L.LightningDataModule):
             name, or a .jsonl of {"image": target image_id, "negative": path} lines.
     """
 
+    results_kind = "prompts"
+    done_means = "already have prompts in {dir}; inverting the other {todo} (a new trainer.default_root_dir starts afresh)"
+
     def __init__(
         self,
         root: str | None = None,
@@ -209,7 +134,8 @@ class ImageDataModule(L.LightningDataModule):
         negatives: str | None = None,
     ):
         super().__init__()
-        self._check_sources(root, files, dataset)
+        if sum(x is not None for x in (root, files, dataset)) != 1:
+            raise InputError("data: give exactly one of data.root (a folder), data.files or data.dataset")
         if batch_size < 1 or (steps is not None and steps < 1):
             raise InputError(f"data.batch_size={batch_size}, data.steps={steps}: both must be at least 1")
         if negatives is not None and dataset is not None:
@@ -219,165 +145,20 @@ class ImageDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.failures: list[dict] = []
 
-    def _check_sources(self, root, files, dataset) -> None:
-        if sum(x is not None for x in (root, files, dataset)) != 1:
-            raise InputError("data: give exactly one of data.root (a folder), data.files or data.dataset")
-
-    def model_setting(self, key: str):
-        """steps and model are the module's: the data follows them, and a value of its own must
-        agree (set from Python, the two could otherwise differ without a word)."""
-        own = self.hparams.get(key)
-        module = self.trainer.lightning_module if self.trainer else None
-        theirs = module.hparams.get(key) if module is not None else None
-        if own is not None and theirs is not None and own != theirs:
-            raise InputError(f"data.{key}={own} but model.{key}={theirs}: set model.{key} only (the data follows it)")
-        return own if own is not None else theirs
-
-    def _resolution(self) -> int:
-        if self.hparams.resolution:
-            return self.hparams.resolution
-        model = self.model_setting("model") or "demo"
-        try:
-            config = AutoencoderKL.load_config(
-                resolve_model(model), subfolder="vae", local_files_only=self.hparams.local_files_only
-            )
-        except OSError as e:
-            if Path(resolve_model(model)).is_dir():
-                raise InputError(f"data.model={model!r}: cannot read its vae/config.json to find the resolution; "
-                                 "set data.resolution or give a complete model folder") from None
-            raise InputError(f"model {model!r}: not in the local Hugging Face cache and the hub did not answer "
-                             f"({str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__}); "
-                             f"download it first (`hf download {model}`) or give a local folder") from None
-        return int(config["sample_size"])
-
-    def _file_items(self) -> list[dict]:
-        hp = self.hparams
-        if hp.root is not None:
-            root = Path(DEMO_IMAGES if hp.root == "demo" else hp.root)
-            if not root.is_dir():
-                raise InputError(f"data.root={hp.root}: no such folder")
-            paths, failures = find_images(root)
-            self.failures += failures
-            captions = read_captions(root)
-        else:
-            files = hp.files
-            if isinstance(files, str):
-                listing = Path(files)
-                if not listing.is_file():
-                    raise InputError(f"data.files={files}: no such list file")
-                files = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-            paths, root, captions = [Path(f) for f in files], None, {}
-            for folder in {path.parent for path in paths}:  # each listed file's folder's metadata.jsonl
-                captions |= {(folder / name).as_posix(): text for name, text in read_captions(folder).items()}
-        items = []
-        for path in paths:
-            rel = path.relative_to(root).as_posix() if root else path.as_posix()
-            caption = captions.get(rel) or (read_text(path.with_suffix(".txt")).strip()
-                                            if path.with_suffix(".txt").is_file() else "")
-            items.append({"image_id": rel, "source": str(path), "caption": caption})
-        return items
-
-    def _pair_negatives(self, items: list[dict], negatives: Path) -> list[dict]:
-        """Give every target its negative image (Algorithm 2); a target without one is an error."""
-        if negatives.is_dir():
-            pairs = {item["image_id"]: negatives / item["image_id"] for item in items}
-        elif negatives.suffix == ".jsonl":
-            pairs = {row["image"]: Path(row["negative"]) for row in read_jsonl(negatives)}
-        else:
-            pairs = {item["image_id"]: negatives for item in items}
-        for item in items:
-            path = pairs.get(item["image_id"])
-            if path is None or not path.is_file():
-                raise InputError(f"data.negatives={negatives}: no negative image for {item['image_id']}"
-                                 + (f" (expected {path})" if path else ""))
-            item["negative_source"] = str(path)
-        return items
-
-    def _check(self, items: list[dict]) -> list[dict]:
-        """Keep the images that open; list the others in `failures` (one bad file never stops a run)."""
-        good = []
-        for item in items:
-            try:
-                for key in ("source", "negative_source"):
-                    if key in item:
-                        with Image.open(item[key]) as image:
-                            # verify() reads no pixels: a truncated or corrupt file passes it and
-                            # then stops the run at every restart. Decoding it here costs one read.
-                            image.load()
-                good.append(item)
-            except Exception as e:  # PIL raises many types for broken files
-                reason = f"{type(e).__name__}: {e}".splitlines()[0]
-                self.failures.append({"image_id": item["image_id"], "source": item["source"], "error": reason})
-                log.warning("skipping %s: %s", item["source"], reason)
-        return good
-
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        self.failures = []  # found again by each setup
         self.model_setting("steps")  # a disagreement stops here, before any work
-        resolution = self._resolution()
+        resolution = self.resolution()
         if hp.dataset is not None:
-            import datasets
-
-            try:
-                ds = datasets.load_dataset(hp.dataset, split=hp.split)
-            except Exception as e:  # hub, network and file errors of many types; all say the same to a user
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise InputError(f"data.dataset={hp.dataset!r}: cannot load it ({reason}); give a dataset id "
-                                 "on the hub or in the local cache, or a local folder") from None
-            if hp.image_column not in ds.column_names:
-                raise InputError(f"data.image_column={hp.image_column!r} not in {hp.dataset} ({ds.column_names})")
-            caption = hp.caption_column if hp.caption_column in ds.column_names else None
-            if hp.limit:
-                ds = ds.select(range(min(hp.limit, len(ds))))
-            self.images = HFImages(ds, hp.image_column, caption, hp.dataset, resolution)
-        else:
-            items = self._file_items()[: hp.limit]
-            if hp.get("negatives"):
-                items = self._pair_negatives(items, Path(hp.negatives))
-            items = self._check(items)
-            self.images = ImageFiles(items, resolution)
-        if len(self.images) == 0:
-            where = hp.get("prompts") or hp.root or hp.files or hp.dataset
-            why = f" ({len(self.failures)} could not be read; first: {self.failures[0]['source']}: " \
-                  f"{self.failures[0]['error']})" if self.failures else ""
-            raise InputError(f"data: no readable images in {where}{why}")
-
-    results_kind = "prompts"  # the run folder's results whose lines mark an image as done
-    done_means = "already have prompts in {dir}; inverting the other {todo} (a new trainer.default_root_dir starts afresh)"
-
-    def done_keys(self) -> set[tuple[str, str | None]]:
-        """(image id, settings key) of every result in the run folder already (every rank's file)."""
-        return RunFolder(self.trainer.default_root_dir).done_keys(self.results_kind)
-
-    def item_key(self, i: int) -> tuple[str, str | None]:
-        """What a result line must match to count image i as done: its id (an inversion's prompt
-        does not depend on settings a rerun would change; a new run folder is a new run)."""
-        return self.images.image_ids()[i], None
-
-    def todo_indices(self, skip_done: bool = True) -> list[int]:
-        """Indices of the images without a result in the run folder yet (all of them, if not skip_done)."""
-        if not (skip_done and self.hparams.skip_done and self.trainer):
-            return list(range(len(self.images)))
-        done = self.done_keys()
-        todo = [i for i in range(len(self.images)) if self.item_key(i) not in done]
-        skipped = len(self.images) - len(todo)
-        if skipped and not getattr(self, "_said_skipped", False) and self._rank() == 0:
-            self._said_skipped = True  # said once per run, however often the list is asked for
-            print(f"{skipped} of {len(self.images)} images " + self.done_means.format(
-                dir=self.trainer.default_root_dir, todo=len(todo)))
-        return todo
-
-    def rank_indices(self, skip_done: bool = True) -> list[int]:
-        """This rank's images: a stride slice of those not done, so every image goes to exactly
-        one rank."""
-        return self.todo_indices(skip_done)[self._rank() :: self._world()]
-
-    def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer else 0
-
-    def _world(self) -> int:
-        return self.trainer.world_size if self.trainer else 1
+            self.found(hub_images(hp.dataset, hp.split, hp.image_column, hp.caption_column, hp.limit, resolution),
+                       [], hp.dataset)
+            return
+        items, missing = file_items(hp.root, hp.files)
+        items = items[: hp.limit]
+        if hp.negatives:
+            items = pair_negatives(items, Path(hp.negatives))
+        items, unreadable = readable(items)
+        self.found(ImageFiles(items, resolution), missing + unreadable, hp.root or hp.files)
 
     def resumed_batches(self) -> int:
         """Batches this epoch had consumed when the checkpoint being resumed from was written."""
@@ -434,7 +215,7 @@ class ImageDataModule(L.LightningDataModule):
         return flying, repeats_left
 
 
-class PromptedImages(ImageDataModule):
+class PromptedImages(RunImages):
     """Images with their prompts, for `ph2p reconstruct`: one predict batch per `batch_size` images.
 
     Args:
@@ -454,11 +235,6 @@ class PromptedImages(ImageDataModule):
 
     results_kind = "reconstructions"
     done_means = "already done with these settings in {dir}; reconstructing the other {todo}"
-
-    def item_key(self, i: int) -> tuple[str, str | None]:
-        # Done means done with these settings: an edit, another negative or guidance is new work.
-        item = self.images.items[i]
-        return item["image_id"], self.trainer.lightning_module.settings_key(item.get("edit"))
 
     def __init__(
         self,
@@ -481,20 +257,22 @@ class PromptedImages(ImageDataModule):
             raise InputError("data.prompt: give the images too, as data.root (a folder) or data.files")
         if prompts is not None and (root is not None or files is not None):
             raise InputError("data.prompts names each line's image; leave out data.root and data.files")
-        given = dict(root=root, files=files, limit=limit, batch_size=batch_size, resolution=resolution, model=model,
-                     local_files_only=local_files_only, num_workers=num_workers, skip_done=skip_done)
-        super().__init__(**given)
-        # save_hyperparameters reads constructor frames, which differ between a direct call and
-        # LightningCLI's; state every key the parent's methods read.
-        self.hparams.update(prompts=prompts, prompt=prompt, dataset=None, negatives=None, **given)
+        super().__init__()
+        self.save_hyperparameters()
+        self.failures: list[dict] = []
 
-    def _check_sources(self, root, files, dataset) -> None:
-        pass  # checked above: a prompts file, or a prompt with root or files
-
-    def _file_items(self) -> list[dict]:
+    def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if hp.prompt is not None:
-            return [{**item, "prompt": hp.prompt, "edit": ""} for item in super()._file_items()]
+            items, missing = file_items(hp.root, hp.files)
+            items = [{**item, "prompt": hp.prompt, "edit": ""} for item in items]
+        else:
+            items, missing = self.prompted_items(), []
+        items, unreadable = readable(items[: hp.limit])
+        self.found(ImageFiles(items, self.resolution()), missing + unreadable, hp.prompts or hp.root or hp.files)
+
+    def prompted_items(self) -> list[dict]:
+        hp = self.hparams
         path = Path(hp.prompts)
         if not path.is_file():
             raise InputError(f"data.prompts={hp.prompts}: no such file (give the prompts.jsonl of an invert run)")
@@ -504,6 +282,11 @@ class PromptedImages(ImageDataModule):
                 raise InputError(f"data.prompts={hp.prompts}: every line needs image_id, source and prompt")
             items.append({k: row.get(k, "") for k in ("image_id", "source", "caption", "prompt", "edit")})
         return sorted(items, key=lambda item: item["image_id"])
+
+    def item_key(self, i: int) -> tuple[str, str | None]:
+        # Done means done with these settings: an edit, another negative or guidance is new work.
+        item = self.images.items[i]
+        return item["image_id"], self.trainer.lightning_module.settings_key(item.get("edit"))
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(Subset(self.images, self.rank_indices()), batch_size=self.hparams.batch_size,

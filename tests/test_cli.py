@@ -92,6 +92,7 @@ def test_bad_input_is_one_line_naming_the_key(tiny_model, image_folder, override
     assert named in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_gives_the_prompts_of_one_process(tiny_model, image_folder, tmp_path):
     """Each of 3 images (an uneven split: 2 batches vs 1) inverted exactly once over 2 ranks
     (gloo), with the prompts of a single-process run: DDP must not average the gradients of
@@ -112,6 +113,7 @@ def test_two_process_ddp_gives_the_prompts_of_one_process(tiny_model, image_fold
     assert prompts[1] == prompts[2]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_mid_image_to_the_same_prompts(tiny_model, image_folder, tmp_path):
     """SIGKILL in the middle of the second image; the same command with --ckpt_path=last finishes
     with the prompts.jsonl of an uninterrupted run (the first image is not redone)."""

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ph2p_lit.data import ImageDataModule, RepeatedBatches, in_flight, rank_batches
+from ph2p_lit.batching import RepeatedBatches, in_flight, rank_batches
+from ph2p_lit.data import ImageDataModule
 from ph2p_lit.errors import InputError
 
 
@@ -136,16 +137,32 @@ def test_a_very_large_image_is_resized(tmp_path):
 def test_each_image_is_decoded_once_per_batch_not_once_per_step(tiny_model, image_folder, tmp_path, monkeypatch):
     import lightning as L
 
-    import ph2p_lit.data as data_module
+    import ph2p_lit.image_sets as image_sets
     from ph2p_lit.callbacks import ResultsWriter
     from ph2p_lit.inversion import PromptInversion
 
     opened = []
-    real_open = data_module.Image.open
-    monkeypatch.setattr(data_module.Image, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    real_open = image_sets.Image.open
+    monkeypatch.setattr(image_sets.Image, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
     module = PromptInversion(model=tiny_model, prompt_length=2, steps=5, max_iter=1, init_prompt=None, batch_size=2)
     data = ImageDataModule(root=image_folder, steps=5, model=tiny_model, batch_size=2)
     L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, callbacks=[ResultsWriter()]).fit(module, datamodule=data)
     for i in range(4):  # one open to check the file at set-up, one to decode it for its batch
         assert opened.count(f"{image_folder}/img{i}.png") == 2
+
+
+def test_prompted_images_check_their_files_like_the_inversion_targets(tmp_path, image_folder):
+    from ph2p_lit.data import PromptedImages
+    from ph2p_lit.runs import append_line
+
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    prompts = tmp_path / "prompts.jsonl"
+    append_line(prompts, {"image_id": "img1.png", "source": f"{image_folder}/img1.png", "prompt": "a"})
+    append_line(prompts, {"image_id": "broken.png", "source": str(tmp_path / "broken.png"), "prompt": "b"})
+    data = PromptedImages(prompts=str(prompts), resolution=8)
+    data.setup()
+    assert data.images.image_ids() == ["img1.png"]
+    assert [f["image_id"] for f in data.failures] == ["broken.png"]
+    with pytest.raises(InputError, match="give data.prompts"):
+        PromptedImages(resolution=8)

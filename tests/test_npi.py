@@ -105,6 +105,7 @@ def _invert(tiny_model, image_folder, run_dir):
     return run_dir / "prompts.jsonl"
 
 
+@pytest.mark.slow
 def test_reconstruct_writes_one_line_per_image_resumes_and_reuses_inverted_latents(tiny_model, image_folder, tmp_path):
     prompts = _invert(tiny_model, image_folder, tmp_path / "inv")
     base = ["reconstruct", f"--model.model={tiny_model}", "--model.steps=4", "--model.lpips_backbone=random",
@@ -161,6 +162,7 @@ def test_reconstruct_without_lpips_weights_names_them(tiny_model, image_folder, 
     assert "alexnet-owt-7be5be79.pth" in result.stderr and "lpips_backbone=random" in result.stderr
 
 
+@pytest.mark.slow
 def test_generate_writes_a_grid_per_prompt_with_the_target_first(tiny_model, image_folder, tmp_path):
     prompts = _invert(tiny_model, image_folder, tmp_path / "inv")
     args = ["generate", f"--prompts={prompts}", f"--model={tiny_model}", "--images_per_prompt=3", "--steps=3",

@@ -4,11 +4,14 @@ README says (benchmarks/readme_walk.py with small settings)."""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import readme_walk  # noqa: E402
 
 
+@pytest.mark.slow
 def test_every_runnable_readme_command_does_what_the_readme_says(tmp_path):
     results = readme_walk.walk(tmp_path, small=True)
     failed = [(command, outcome) for command, outcome in results if not outcome.startswith(("ok", "skipped"))]

@@ -279,6 +279,7 @@ def test_a_checkpoint_of_another_prompt_length_is_one_line(tiny_model, tmp_path)
     assert "cannot resume from it" in str(e.value.code) and "\n" not in str(e.value.code)
 
 
+@pytest.mark.slow
 def test_resuming_from_last_after_images_were_added_inverts_each_image_once(tiny_model, tmp_path):
     """--ckpt_path=last after a kill continues the image it stopped in, even though an image was
     added before it in the folder's order; after a finished run it inverts an image added since."""
