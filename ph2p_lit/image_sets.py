@@ -19,10 +19,18 @@ log = logging.getLogger(__name__)
 
 
 class DecodedOnce(Dataset):
-    """A dataset that keeps its most recently loaded items: a batch is asked for once per
-    optimiser step, and decoding a large image at every step costs more than the step."""
+    """Images with ids (`self.ids`, one per item) that keep their most recently loaded items: a
+    batch is asked for once per optimiser step, and decoding a large image at every step costs
+    more than the step."""
 
     keep = 64  # items kept; the DataModule sets it to its batch size
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_ids(self) -> list[str]:
+        return self.ids
 
     def __getitem__(self, i: int) -> dict:
         cache = self.__dict__.setdefault("_recent", OrderedDict())
@@ -44,12 +52,6 @@ class ImageFiles(DecodedOnce):
     def __init__(self, items: list[dict], resolution: int):
         self.items, self.resolution = items, resolution
         self.ids = [item["image_id"] for item in items]  # built once: planning reads it per image
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def image_ids(self) -> list[str]:
-        return self.ids
 
     def load(self, i: int) -> dict:
         item = self.items[i]
@@ -86,12 +88,6 @@ class HFImages(DecodedOnce):
             ids = names if len(set(names)) == len(names) else [Path(p).as_posix() for p in paths]
             return ids, [str(p) for p in paths]
         return [f"{i:06d}" for i in rows], [f"{self.name}[{i}]" for i in rows]
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def image_ids(self) -> list[str]:
-        return self.ids
 
     def load(self, i: int) -> dict:
         row = self.dataset[i]
