@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ph2p_lit import invert
 from ph2p_lit.demo.world import (
     ATTRIBUTE_VALUES,
     CONTENT_ATTRIBUTES,
@@ -25,7 +26,6 @@ from ph2p_lit.demo.world import (
     render,
     sample_scene,
 )
-from ph2p_lit.lightning_cli import run_inversion as invert
 from ph2p_lit.runs import read_jsonl
 
 
@@ -60,15 +60,15 @@ def main() -> None:
     torch.set_num_threads(2)
     work = Path(args.out or tempfile.mkdtemp(prefix="ph2p_negative_"))
     pairs = {r["file_name"]: r for r in write_pairs(work, args.n, args.seed, args.shared)}
-    runs = {"without negative": [], "with negative": [f"--data.negatives={work / 'negatives'}",
-                                                      f"--model.negative_weight={args.weight}",
-                                                      f"--model.negative_margin={args.margin}"]}
+    margin = None if args.margin == "null" else float(args.margin)
+    runs = {"without negative": {}, "with negative": {
+        "data": {"negatives": str(work / "negatives")},
+        "model": {"negative_weight": args.weight, "negative_margin": margin}}}
     named = {}
     for name, extra in runs.items():
         out = work / (name.replace(" ", "_") + (f"_w{args.weight}_m{args.margin}" if extra else ""))
         if not (out / "prompts.jsonl").is_file():
-            invert(["--config=configs/demo.yaml", f"--data.root={work / 'targets'}",
-                    f"--trainer.default_root_dir={out}", *extra])
+            invert(work / "targets", config="demo", run_dir=out, **extra)
         rows = sorted(read_jsonl(out / "prompts.jsonl"), key=lambda r: r["image_id"])
         named[name] = [(attributes_in_text(r["prompt"]), pairs[r["image_id"]], r["prompt"]) for r in rows]
 

@@ -20,13 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ph2p_lit import invert, reconstruct
 from ph2p_lit.backbone import Backbone
 from ph2p_lit.demo.evaluate import attention_iou
 from ph2p_lit.demo.oracle import AttributeOracle
 from ph2p_lit.demo.train import to_tensor
 from ph2p_lit.demo.world import COLOURS, CONTENT_ATTRIBUTES, export_imagefolder
-from ph2p_lit.lightning_cli import run_inversion as invert
-from ph2p_lit.lightning_cli import run_reconstruction as reconstruct
 from ph2p_lit.runs import read_jsonl
 
 COLOUR_CYCLE = dict(zip(COLOURS, list(COLOURS)[1:] + list(COLOURS)[:1]))  # red->green, green->blue, ...
@@ -42,14 +41,13 @@ def write_edits(prompts: Path, truth: dict, out: Path) -> Path:
     return out
 
 
-def run_reconstruct(prompts: Path, out: Path, cache: Path, *extra: str) -> list[dict]:
-    reconstruct([f"--data.prompts={prompts}", f"--trainer.default_root_dir={out}", "--model.lpips_backbone=random",
-                 f"--model.latent_cache={cache}", "--trainer.enable_progress_bar=false", *extra])
-    return sorted(read_jsonl(out / "reconstructions.jsonl"), key=lambda r: r["image_id"])
+def run_reconstruct(prompts: Path, out: Path, cache: Path, **model) -> list[dict]:
+    return reconstruct(prompts, run_dir=out, trainer={"enable_progress_bar": False},
+                       model={"lpips_backbone": "random", "latent_cache": str(cache), **model})
 
 
 def oracle_on(folder: Path, rows: list[dict], oracle: AttributeOracle) -> list[dict]:
-    images = np.stack([np.asarray(Image.open(folder / "images" / (r["image_id"].rsplit(".", 1)[0] + ".png"))) for r in rows])
+    images = np.stack([np.asarray(Image.open(folder / r["image"])) for r in rows])
     return oracle.read(to_tensor(images))
 
 
@@ -66,23 +64,22 @@ def main() -> None:
     images = export_imagefolder(work / "images", args.n, args.seed)
     prompts = work / "run" / "prompts.jsonl"
     if not prompts.is_file():
-        invert(["--config=configs/demo.yaml", f"--data.root={images}", f"--trainer.default_root_dir={work / 'run'}"])
+        invert(images, config="demo", run_dir=work / "run")
     truth = {json.loads(l)["file_name"]: json.loads(l) for l in (images / "metadata.jsonl").read_text().splitlines()}
     cache = work / "inverted"
 
-    table = []
+    table, runs = [], {}
     for guidance in (1.0, 3.0, 7.5):
         for negative in ("prompt", "empty"):
-            rows = run_reconstruct(prompts, work / f"rec_{negative}_g{guidance}", cache,
-                                   f"--model.guidance={guidance}", f"--model.negative={negative}")
+            rows = runs[negative, guidance] = run_reconstruct(prompts, work / f"rec_{negative}_g{guidance}", cache,
+                                                               guidance=guidance, negative=negative)
             uncached = [r["seconds"] for r in rows if not r["cached_inversion"]]
             table.append((guidance, negative, np.mean([r["psnr"] for r in rows]), np.mean([r["lpips"] for r in rows]),
                           np.mean(uncached) if uncached else None))
 
     oracle = AttributeOracle.load()
     edits = write_edits(prompts, truth, work / "edits.jsonl")
-    edit_rows = run_reconstruct(edits, work / "edit", cache, f"--model.guidance={args.edit_guidance}",
-                                f"--model.strength={args.edit_strength}")
+    edit_rows = run_reconstruct(edits, work / "edit", cache, guidance=args.edit_guidance, strength=args.edit_strength)
     reads = oracle_on(work / "edit", edit_rows, oracle)
     truths = [truth[r["image_id"]] for r in edit_rows]
     has_colour = [t["colour"] in r["source_prompt"].split() for r, t in zip(edit_rows, truths)]
@@ -91,7 +88,7 @@ def main() -> None:
         "shape kept": [rd["shape"] == t["shape"] for rd, t in zip(reads, truths)],
         "background kept": [rd["background"] == t["background"] for rd, t in zip(reads, truths)],
     }
-    recon_reads = oracle_on(work / "rec_prompt_g7.5", edit_rows, oracle)
+    recon_reads = oracle_on(work / "rec_prompt_g7.5", runs["prompt", 7.5], oracle)  # sorted by image, as edit_rows
     # "Kept" above is against the truth, which the VAE round trip alone misses for some shapes;
     # these are against the unedited NPI reconstruction: what the edit itself changed.
     for a in ("shape", "background"):

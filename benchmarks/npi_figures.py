@@ -34,8 +34,9 @@ def labelled_rows(rows: list[list[Image.Image]], headers: list[str], notes: list
 
 
 def reconstruction_figure(bench: Path, n: int) -> Image.Image:
-    def image(folder: str, image_id: str) -> Image.Image:
-        return Image.open(bench / folder / "images" / (image_id.rsplit(".", 1)[0] + ".png"))
+    def image(folder: str, image_id: str) -> Image.Image:  # the result file its line names
+        (row,) = [r for r in read_jsonl(bench / folder / "reconstructions.jsonl") if r["image_id"] == image_id]
+        return Image.open(bench / folder / row["image"])
 
     edits = {r["image_id"]: r for r in read_jsonl(bench / "edit" / "reconstructions.jsonl")}
     rows, notes = [], []

@@ -1,7 +1,8 @@
-"""The Python API: what `ph2p invert` does, from a notebook or a script, in two lines.
+"""The Python API: what `ph2p invert` and `ph2p reconstruct` do, from a notebook or a script.
 
-    from ph2p_lit import invert
+    from ph2p_lit import invert, reconstruct
     rows = invert(["a.png", "b.png"], config="demo", model={"steps": 10})
+    rebuilt = reconstruct("runs/demo/prompts.jsonl", model={"edit": "red->blue"})
 
 The settings go through the same parser as the command line (the config's YAML, then the
 keyword sections on top), so a config, the CLI and this function give the same run.
@@ -14,7 +15,7 @@ import yaml
 
 from .configs import packaged_config
 from .errors import InputError
-from .lightning_cli import run_inversion
+from .lightning_cli import run_inversion, run_reconstruction
 from .runs import RunFolder
 
 SOURCES = ("root", "files", "dataset")
@@ -60,6 +61,34 @@ def invert(
         return sorted(rows, key=lambda row: row["image_id"])
     by_source = {row.get("source"): row for row in rows}
     return [by_source[str(p)] for p in paths if str(p) in by_source]
+
+
+def reconstruct(
+    prompts: str | Path,
+    config: str | None = None,
+    run_dir: str | Path | None = None,
+    model: dict | None = None,
+    data: dict | None = None,
+    trainer: dict | None = None,
+) -> list[dict]:
+    """Rebuild (or, with model={"edit": ...}, edit) each image of an invert run from its prompt by
+    negative-prompt inversion; returns the lines of reconstructions.jsonl for these settings,
+    sorted by image. Results already in the run folder with these settings are not redone.
+
+    prompts: the prompts.jsonl of an invert run (or of `invert`'s run folder).
+    config: a reconstruct config (e.g. "reconstruct"), or None for the defaults.
+    run_dir: the run folder (trainer.default_root_dir); None: the config's, else runs/reconstruct.
+    model, data, trainer: settings on top of the config's, by section, e.g. model={"guidance": 1.0}.
+    """
+    settings = _load(config)
+    for section, values in (("model", model), ("data", data), ("trainer", trainer)):
+        settings.setdefault(section, {}).update(copy.deepcopy(values or {}))
+    settings["data"] = {**settings["data"], "prompts": str(prompts), "prompt": None, "root": None, "files": None}
+    if run_dir is not None:
+        settings["trainer"]["default_root_dir"] = str(run_dir)
+    folder, keys = run_reconstruction(settings)
+    rows = RunFolder(folder).rows("reconstructions")
+    return sorted((r for r in rows if (r["image_id"], r.get("settings")) in keys), key=lambda r: r["image_id"])
 
 
 def _load(config: str | None) -> dict:

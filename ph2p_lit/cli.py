@@ -24,6 +24,7 @@ from .lightning_cli import (
     run_reconstruction,
 )
 
+
 def call(command: str, function, args: list[str]) -> None:
     """Run a function command through jsonargparse, its parse errors as one line."""
     try:

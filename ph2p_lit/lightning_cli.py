@@ -3,8 +3,8 @@ errors, the order of --help), the run, the table of prompts. The Python API (api
 same parser on a dict of settings."""
 
 import argparse
-import logging
 import difflib
+import logging
 import pickle
 import re
 import warnings
@@ -219,10 +219,14 @@ def _is_checkpoint_error(e: Exception) -> bool:
     )
 
 
-def run_reconstruction(args: list[str]) -> None:
+def run_reconstruction(args: list[str] | dict) -> tuple[Path, set[tuple[str, str]]]:
+    """Parse (command-line arguments, or the API's settings), reconstruct; returns the run folder
+    and the (image id, settings key) of every result this call stands for (made now or before)."""
     quiet_libraries()
     cli = ReconstructionCLI(Reconstruction, PromptedImages, args=args, run=False,
                             save_config_kwargs={"overwrite": True}, subclass_mode_model=False,
                             parser_kwargs=parser_settings("reconstruct"), auto_configure_optimizers=False,
                             seed_everything_default=False)
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+    data = cli.datamodule
+    return Path(cli.trainer.default_root_dir), {data.item_key(i) for i in range(len(data.images))}

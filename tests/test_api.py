@@ -44,3 +44,22 @@ def test_bad_settings_are_one_line(config, image_folder):
         invert([f"{image_folder}/img0.png"], config=config, model={"prompt_lenght": 3})
     with pytest.raises(InputError, match="no such file"):
         invert([f"{image_folder}/img0.png"], config="no_such_config.yaml")
+
+
+def test_reconstruct_returns_the_lines_of_its_own_settings(config, image_folder, tmp_path, tiny_model):
+    from ph2p_lit import reconstruct
+
+    invert([f"{image_folder}/img0.png", f"{image_folder}/img1.png"], config=config, run_dir=tmp_path / "inv",
+           trainer={"callbacks": []})
+    model = {"model": tiny_model, "steps": 2, "lpips_backbone": "random"}
+    quiet = {"enable_progress_bar": False}
+    plain = reconstruct(tmp_path / "inv" / "prompts.jsonl", run_dir=tmp_path / "rec", model=model, trainer=quiet)
+    edited = reconstruct(tmp_path / "inv" / "prompts.jsonl", run_dir=tmp_path / "rec", trainer=quiet,
+                         model={**model, "edit": "x->y", "guidance": 1.0})
+    ids = [f"{image_folder}/img0.png", f"{image_folder}/img1.png"]  # listed files keep their paths as ids
+    assert [r["image_id"] for r in plain] == [r["image_id"] for r in edited] == ids
+    assert all(r["edit"] == "" for r in plain) and all(r["edit"] == "x->y" for r in edited)
+    assert {r["settings"] for r in plain}.isdisjoint({r["settings"] for r in edited})
+    assert len(read_jsonl(tmp_path / "rec" / "reconstructions.jsonl")) == 4
+    again = reconstruct(tmp_path / "inv" / "prompts.jsonl", run_dir=tmp_path / "rec", model=model, trainer=quiet)
+    assert again == plain and len(read_jsonl(tmp_path / "rec" / "reconstructions.jsonl")) == 4
