@@ -3,7 +3,8 @@
 python benchmarks/overhead.py [--steps 20] [--repeats 2]
 
 The bare loop calls the module's own math (projection, diffusion loss, the ph2p update) from a
-plain `for` loop; the pipeline runs it through Lightning's Trainer, first with no callbacks, then
+plain `for` loop; the pipeline runs it through Lightning's Trainer, first with no callbacks but the
+results writer the module always adds, then
 with configs/demo.yaml's callbacks (best-prompt scoring every 5 steps, results, trace, progress
 bar). Same 8 bundled images in one batch, same process, alternating runs, best of `repeats`.
 """
@@ -19,7 +20,7 @@ import yaml
 from torch.utils.data import default_collate
 
 from ph2p_lit.backbone import DEMO_MODEL
-from ph2p_lit.callbacks import PromptLogger, PromptProgressBar, ResultsWriter
+from ph2p_lit.callbacks import PromptLogger, PromptProgressBar
 from ph2p_lit.data import ImageDataModule
 from ph2p_lit.inversion import PromptInversion
 
@@ -28,7 +29,8 @@ ROOT = str(Path(DEMO_MODEL).parent / "images")
 
 def module_for(steps: int) -> PromptInversion:
     config = yaml.safe_load(Path("configs/demo.yaml").read_text())["model"]
-    module = PromptInversion(**{**config, "steps": steps, "batch_size": 8})
+    # The continuous phase only: the bare loop has no refinement to compare with.
+    module = PromptInversion(**{**config, "steps": steps, "batch_size": 8, "refinement": None})
     module.setup("fit")
     return module
 
@@ -36,18 +38,16 @@ def module_for(steps: int) -> PromptInversion:
 def bare_loop(module: PromptInversion, batch: dict) -> float:
     hp = module.hparams
     start = time.perf_counter()
-    module.image_ids = list(batch["image_id"])
+    module.load_images(batch)  # the module's public per-batch set-up: latents and fixed draws
     for image_id in module.image_ids:
         module.sampler.reset(image_id)
-    latents = module.backbone.encode_images(batch["pixels"]).float()
-    fixed = [module.sampler.fixed(i, module.backbone.latent_shape) for i in module.image_ids]
-    module._latents, module._fixed = latents, tuple(torch.stack(x) for x in zip(*fixed))
     soft = module.token_embeds(module.initial_ids()).clone().requires_grad_(True)
     for _ in range(hp.steps):
         for _ in range(hp.max_iter):
-            t, noise = module._draws()
+            t, noise = module.step_draws()
             projected = module.token_embeds(module.project(soft.detach()))
-            loss = module.prompt_losses(module.full_prompt(projected + (soft - soft.detach())), latents, t, noise).sum()
+            loss = module.prompt_losses(module.full_prompt(projected + (soft - soft.detach())), module.latents, t,
+                                        noise).sum()
             (grad,) = torch.autograd.grad(loss, soft)
             with torch.no_grad():
                 soft -= hp.lr * grad
@@ -81,7 +81,7 @@ def main() -> None:
     for r in range(args.repeats):
         times["bare loop"].append(bare_loop(module, batch))
         times["Trainer, no callbacks"].append(pipeline(module, [], work / f"plain{r}"))
-        demo_callbacks = [ResultsWriter(), PromptLogger(every_n_steps=10),
+        demo_callbacks = [PromptLogger(every_n_steps=10),
                           PromptProgressBar()]
         times["Trainer, demo callbacks"].append(pipeline(module, demo_callbacks, work / f"demo{r}"))
     base = min(times["bare loop"])

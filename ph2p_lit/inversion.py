@@ -143,7 +143,10 @@ class PromptInversion(L.LightningModule):
         self.step_in_batch = 0
         self.stopped_early = False
         self.best: dict | None = None  # per image slot of the batch: ids, loss, step, stale scorings
-        self._negative_latents: torch.Tensor | None = None
+        # The current batch's images (load_images): latents (b, C, h, w), negatives', fixed draws.
+        self.latents: torch.Tensor | None = None
+        self.negative_latents: torch.Tensor | None = None
+        self.fixed_draws: tuple[torch.Tensor, torch.Tensor] | None = None
         self.prior: LanguagePrior | None = None
 
     # ---------------------------------------------------------------- set-up
@@ -257,11 +260,11 @@ class PromptInversion(L.LightningModule):
         the diffusion loss, less the guarded loss of the image's negative when it has one (same t
         and noise for both, so the difference is low-variance)."""
         owners = torch.arange(len(text_embeds), device=self.device) if owners is None else owners
-        latents = self._latents[owners]
-        if self._negative_latents is None:
+        latents = self.latents[owners]
+        if self.negative_latents is None:
             return self.prompt_losses(text_embeds, latents, t, noise, owners)
         # Target and negative in one U-Net batch.
-        both = self.prompt_losses(torch.cat([text_embeds, text_embeds]), torch.cat([latents, self._negative_latents[owners]]),
+        both = self.prompt_losses(torch.cat([text_embeds, text_embeds]), torch.cat([latents, self.negative_latents[owners]]),
                                   torch.cat([t, t]), torch.cat([noise, noise]), torch.cat([owners, owners]))
         losses, negative = both.chunk(2)
         margin = self.hparams.negative_margin
@@ -279,29 +282,35 @@ class PromptInversion(L.LightningModule):
     @torch.no_grad()
     def score(self, ids: torch.Tensor) -> torch.Tensor:
         """Loss of hard prompts (b, L) on each image's fixed (t, noise) set: (b,)."""
-        t, noise = self._fixed
+        t, noise = self.fixed_draws
         return self.objective(self.full_prompt(self.token_embeds(ids)), t, noise)
 
-    def _draws(self) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = self._latents.shape[1:]  # the images' latents: any resolution
+    def step_draws(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next (t, noise) of each image's stream: t (b, K), noise (b, K, C, h, w)."""
+        shape = self.latents.shape[1:]  # the images' latents: any resolution
         t, noise = zip(*(self.sampler.next(i, shape) for i in self.image_ids))
         return torch.stack(t).to(self.device), torch.stack(noise).to(self.device)
 
     # ---------------------------------------------------------------- per batch of images
+    def load_images(self, batch: dict) -> None:
+        """The batch's images as the loss needs them: their latents (and their negatives'), and
+        each image's fixed (t, noise) set that scores its prompts."""
+        self.image_ids = list(batch["image_id"])
+        self.latents = self.backbone.encode_images(batch["pixels"]).float()  # (b, C, h, w)
+        negatives = batch.get("negative_pixels")
+        self.negative_latents = None if negatives is None else self.backbone.encode_images(negatives).float()
+        shape = self.latents.shape[1:]  # the images' latents: any resolution
+        t, noise = zip(*(self.sampler.fixed(i, shape) for i in self.image_ids))
+        self.fixed_draws = (torch.stack(t).to(self.device), torch.stack(noise).to(self.device))
+
     def start_images(self, batch: dict) -> None:
         """A new batch of images: encode them, initialise their prompts, forget old history."""
-        self.image_ids = list(batch["image_id"])
-        b = len(self.image_ids)
+        b = len(batch["image_id"])
         self.step_in_batch, self.stopped_early = 0, False
         self.started = time.perf_counter()
         reset_peak(self.device)
         self.unet_evals.zero_()
-        self._latents = self.backbone.encode_images(batch["pixels"]).float()  # (b, C, h, w)
-        negatives = batch.get("negative_pixels")
-        self._negative_latents = None if negatives is None else self.backbone.encode_images(negatives).float()
-        shape = self._latents.shape[1:]  # the images' latents: any resolution
-        t, noise = zip(*(self.sampler.fixed(i, shape) for i in self.image_ids))
-        self._fixed = (torch.stack(t).to(self.device), torch.stack(noise).to(self.device))
+        self.load_images(batch)
         self.best = {"ids": [None] * b, "loss": [float("inf")] * b, "step": [0] * b, "stale": [0] * b}
         if self.selector is not None:
             self.selector.start(b)
@@ -344,12 +353,12 @@ class PromptInversion(L.LightningModule):
             return None  # these images are finished; their remaining repeats are skipped
         b = len(self.image_ids)
         optimizer = self.optimizers()
-        draws = None if self.fresh_draws else self._draws()
+        draws = None if self.fresh_draws else self.step_draws()
         slots = torch.arange(b, device=self.device)
 
         def closure() -> torch.Tensor:  # Algorithm 1, lines 3-5
             optimizer.zero_grad()
-            t, noise = self._draws() if self.fresh_draws else draws
+            t, noise = self.step_draws() if self.fresh_draws else draws
             soft = self.soft_prompt[:b]  # ê
             projected = self.token_embeds(self.project(soft.detach()))  # ẽ = Proj_E(ê)
             # Delayed projection: the loss is evaluated at ẽ and its gradient is applied to ê.
@@ -470,7 +479,7 @@ class PromptInversion(L.LightningModule):
     def _draw_set(self, name: str, n: int, window: tuple[int, int] | None, spread: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """A per-image set of n (t, noise) pairs: t (b, n), noise (b, n, C, h, w)."""
         lo, hi = window or (self.sampler.t_min, self.sampler.t_max)
-        shape = self._latents.shape[1:]  # the images' latents: any resolution
+        shape = self.latents.shape[1:]  # the images' latents: any resolution
         t, noise = zip(*(self.sampler.draw_set((name, i), n, lo, hi, shape, spread) for i in self.image_ids))
         return torch.stack(t).to(self.device), torch.stack(noise).to(self.device)
 

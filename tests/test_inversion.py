@@ -187,12 +187,12 @@ def test_negative_image_objective_is_guarded(tiny_model):
     module = _module(tiny_model, negative_weight=1.0, negative_margin=0.05, batch_size=2)
     module.setup("fit")
     g = torch.Generator().manual_seed(0)
-    module._latents = torch.randn((2, *module.backbone.latent_shape), generator=g)
-    module._negative_latents = torch.randn((2, *module.backbone.latent_shape), generator=g)
+    module.latents = torch.randn((2, *module.backbone.latent_shape), generator=g)
+    module.negative_latents = torch.randn((2, *module.backbone.latent_shape), generator=g)
     t, noise = torch.tensor([[600], [700]]), torch.randn((2, 1, *module.backbone.latent_shape), generator=g)
     prompt = torch.randn(2, 4, module.soft_prompt.shape[-1], generator=g).requires_grad_()
-    target = module.prompt_losses(module.full_prompt(prompt), module._latents, t, noise)
-    negative = module.prompt_losses(module.full_prompt(prompt), module._negative_latents, t, noise)
+    target = module.prompt_losses(module.full_prompt(prompt), module.latents, t, noise)
+    negative = module.prompt_losses(module.full_prompt(prompt), module.negative_latents, t, noise)
     objective = module.objective(module.full_prompt(prompt), t, noise)
     expected = target - torch.minimum(negative, target + 0.05)
     assert torch.allclose(objective, expected, atol=1e-6)
@@ -200,7 +200,7 @@ def test_negative_image_objective_is_guarded(tiny_model):
     assert torch.allclose(module.objective(module.full_prompt(prompt), t, noise), target - negative, atol=1e-6)
     module.hparams.negative_margin = -10.0  # always capped: the gradient is that of L(target) alone
     (grad,) = torch.autograd.grad(module.objective(module.full_prompt(prompt), t, noise).sum(), prompt)
-    (alone,) = torch.autograd.grad(module.prompt_losses(module.full_prompt(prompt), module._latents, t, noise).sum(), prompt)
+    (alone,) = torch.autograd.grad(module.prompt_losses(module.full_prompt(prompt), module.latents, t, noise).sum(), prompt)
     assert torch.allclose(grad, alone, atol=1e-6)
 
 
