@@ -4,10 +4,8 @@ Invert concept A and concept B, join their prompts, generate, invert the generat
 one prompt for the pair, join it with concept C's prompt, generate again, and so on.
 """
 
-import base64
 import copy
 import html
-import io
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ from .backbone import Backbone
 from .configs import packaged_config
 from .errors import InputError
 from .generate import generate
-from .images import IMAGE_EXTENSIONS, image_grid, to_uint8
+from .images import IMAGE_EXTENSIONS, data_uri, image_grid, to_pil
 from .runs import write_text_atomic
 
 
@@ -47,12 +45,6 @@ def _concept_images(concept: str) -> list[Path]:
     if not images:
         raise InputError(f"concepts: {concept} is neither an image nor a folder with images")
     return images
-
-
-def _data_uri(image: Image.Image, size: int = 128) -> str:
-    buffer = io.BytesIO()
-    image.convert("RGB").resize((size, size), Image.Resampling.NEAREST).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def compose(
@@ -106,7 +98,7 @@ def compose(
         print(f"compose: stage {n} of {len(by_set) - 1}: generating from {joined!r}, then inverting the first image",
               flush=True)
         images = generate(backbone, [joined] * images_per_prompt, steps, guidance, seed + n)
-        tiles = [Image.fromarray(a) for a in to_uint8(images)]
+        tiles = to_pil(images)
         stage_dir = out_dir / f"stage{n}"
         stage_dir.mkdir(parents=True, exist_ok=True)
         image_grid(tiles).save(stage_dir / "generated.png")
@@ -126,7 +118,7 @@ def compose(
 
 def _html(stages: list[dict], concepts: list[str]) -> str:
     def img(image: Image.Image) -> str:
-        return f'<img src="{_data_uri(image)}" width="128" height="128">'
+        return f'<img src="{data_uri(image, 128)}" width="128" height="128">'
 
     rows = []
     for n, s in enumerate(stages, start=1):

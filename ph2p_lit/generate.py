@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .backbone import Backbone
 from .errors import InputError
-from .images import image_grid, to_rgb, to_uint8
+from .images import image_grid, to_pil, to_rgb
 from .runs import append_line, file_name, read_jsonl, save_atomic
 
 
@@ -158,7 +158,7 @@ def generate_grids(
             continue
         images = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed, negative_prompt,
                           resolution=resolution)
-        tiles = [Image.fromarray(a) for a in to_uint8(images)]
+        tiles = to_pil(images)
         if row.get("source") and Path(row["source"]).is_file():
             with Image.open(row["source"]) as target:
                 tiles.insert(0, to_rgb(target).resize((tiles[0].width, tiles[0].height), Image.Resampling.BICUBIC))

@@ -2,12 +2,15 @@
 model's output becomes for a person (`to_uint8`, `image_grid`), and where the images and their
 captions are (`find_images`, `read_captions`). Every command converts through here."""
 
+import base64
+import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
 from .errors import InputError
@@ -100,16 +103,33 @@ def find_images(root: Path) -> tuple[list[Path], list[dict]]:
     return sorted(paths), failures
 
 
+_POSTPROCESS = VaeImageProcessor()  # [-1, 1] -> [0, 1] -> 8 bits, as diffusers' pipelines hand images out
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] (B, 3, H, W) -> B RGB images."""
+    return _POSTPROCESS.postprocess(images.detach().float(), output_type="pil")
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return np.stack([np.asarray(image) for image in to_pil(images)])
 
 
 def image_grid(tiles: list[Image.Image], min_tile: int = 128, gap: int = 0) -> Image.Image:
     """Tiles side by side, each scaled up (nearest) to at least `min_tile` pixels for viewing,
-    `gap` white pixels apart."""
+    `gap` white pixels apart (diffusers' make_image_grid neither scales nor spaces its tiles)."""
     side = max(tiles[0].width, min_tile)
     grid = Image.new("RGB", (side * len(tiles) + gap * (len(tiles) - 1), side), "white")
     for k, tile in enumerate(tiles):
         grid.paste(tile.resize((side, side), Image.Resampling.NEAREST), (k * (side + gap), 0))
     return grid
+
+
+def data_uri(image: Image.Image, size: int | None = None) -> str:
+    """A PNG as a data: URI (a page that embeds its images opens offline), scaled to size x size."""
+    if size is not None:
+        image = image.convert("RGB").resize((size, size), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

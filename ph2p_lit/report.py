@@ -2,10 +2,8 @@
 it, losses, cost and measures with their means. Up to EMBED_UP_TO images are embedded, so the page
 opens offline and can be mailed; a bigger run's page links thumbnails kept beside it."""
 
-import base64
 import hashlib
 import html
-import io
 import json
 from pathlib import Path
 
@@ -14,14 +12,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .generate import generate
-from .images import image_grid, to_rgb, to_uint8
+from .images import data_uri, image_grid, to_pil, to_rgb
 from .runs import RunFolder, file_name, read_jsonl, save_atomic, write_text_atomic
-
-
-def data_uri(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 class HTMLReport(L.Callback):
@@ -70,7 +62,7 @@ def grid_path(run_dir: Path, row: dict, images: int, steps: int, guidance: float
 def save_grid(path: Path, images) -> None:
     """(K, 3, H, W) in [-1, 1] -> one PNG of K tiles, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(path, image_grid([Image.fromarray(a) for a in to_uint8(images)], gap=6).save)  # tiles apart
+    save_atomic(path, image_grid(to_pil(images), gap=6).save)  # tiles apart
 
 
 EMBED_UP_TO = 50  # images; past this the page links thumbnails beside it instead of embedding them
