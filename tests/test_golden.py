@@ -5,6 +5,8 @@ streams, projection, the update rule, the scheduler, DDIM inversion) moves them.
 meant to move them, record the new values in the same commit and say why.
 """
 
+import shutil
+
 import pytest
 import torch
 from PIL import Image
@@ -18,11 +20,16 @@ IMAGE = DEMO_IMAGES / "render_1000_00000.png"  # "a large green star on a pink b
 
 
 def test_a_tiny_inversion_of_a_demo_image_gives_its_recorded_prompt(tmp_path):
+    # In a folder of its own: the image id (which seeds the draws) is then its file name, the same
+    # in every checkout (a listed file's id is its path).
+    (tmp_path / "images").mkdir()
+    shutil.copy(IMAGE, tmp_path / "images" / IMAGE.name)
     settings = dict(model="demo", prompt_length=4, steps=3, max_iter=2, init_prompt=None, seed=0)
-    (row,) = invert([IMAGE], config=None, run_dir=tmp_path, model=settings,
+    (row,) = invert(tmp_path / "images", config=None, run_dir=tmp_path / "run", model=settings,
                     trainer={"callbacks": [], "enable_progress_bar": False})
-    assert row["token_ids"] == [10857, 1584, 3492, 27512]
-    assert row["best_loss"] == pytest.approx(0.011886, abs=2e-5)
+    assert row["image_id"] == IMAGE.name
+    assert row["token_ids"] == [8155, 44634, 16215, 29042]
+    assert row["best_loss"] == pytest.approx(0.014449, abs=2e-5)
     assert row["unet_evals"] == 3 * 2 * 1 + 2 * 8  # steps x max_iter x draws, then scorings at steps 1 and 3 x 8 draws
 
 
