@@ -104,10 +104,15 @@ class PromptProgressBar(TQDMProgressBar):
     """The progress bar with image k of n, the current hard prompt of the first image, and the
     U-Net sample evaluations spent per image of the batch so far (the cost unit)."""
 
+    @property
+    def train_description(self) -> str:
+        return "invert"
+
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
-        # One epoch is the whole run here (each step is an optimiser step on the current images).
-        self.train_progress_bar.set_description("invert")
+        # One epoch is the whole run here (each step is an optimiser step on the current images),
+        # so no "Epoch 0" in place of what the bar counts.
+        self.train_progress_bar.set_description(self.train_description)
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
