@@ -123,8 +123,6 @@ class PromptProgressBar(TQDMProgressBar):
             first, last = sampler.images_at(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
             metrics["image"] = f"{first}/{sampler.n_images()}" if first == last else f"{first}-{last}/{sampler.n_images()}"
         if pl_module.image_ids:
-            with torch.no_grad():
-                ids = pl_module.project(pl_module.soft_prompt[:1])[0]
-            metrics["prompt"] = pl_module.vocab.decode(ids.tolist())[:60]
+            metrics["prompt"] = pl_module.first_prompt()[:60]
             metrics["unet/img"] = int(pl_module.unet_evals[: len(pl_module.image_ids)].float().mean())
         return metrics

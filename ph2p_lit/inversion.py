@@ -141,6 +141,7 @@ class PromptInversion(L.LightningModule):
         self.soft_prompt: torch.nn.Parameter | None = None
         self.image_ids: list[str] = []
         self.step_in_batch = 0
+        self.finished_prompts: list[str] = []
         self.stopped_early = False
         self.best: dict | None = None  # per image slot of the batch: ids, loss, step, stale scorings
         # The current batch's images (load_images): latents (b, C, h, w), negatives', fixed draws.
@@ -307,6 +308,7 @@ class PromptInversion(L.LightningModule):
         """A new batch of images: encode them, initialise their prompts, forget old history."""
         b = len(batch["image_id"])
         self.step_in_batch, self.stopped_early = 0, False
+        self.finished_prompts: list[str] = []
         self.started = time.perf_counter()
         reset_peak(self.device)
         self.unet_evals.zero_()
@@ -388,9 +390,11 @@ class PromptInversion(L.LightningModule):
                                  self.step_in_batch)
         if not finished:
             return {"losses": losses, "finished": []}
+        records = self.results()
+        self.finished_prompts = [r["prompt"] for r in records]
         # The continuous prompts go with the records: the results writer saves them as
         # textual-inversion embeddings.
-        return {"losses": losses, "finished": self.results(), "soft_prompts": self.soft_prompt[:b].detach().cpu()}
+        return {"losses": losses, "finished": records, "soft_prompts": self.soft_prompt[:b].detach().cpu()}
 
     @torch.no_grad()
     def keep_best(self) -> None:
@@ -405,6 +409,14 @@ class PromptInversion(L.LightningModule):
                 self.best["stale"][j] = 0
             else:
                 self.best["stale"][j] += 1
+
+    @torch.no_grad()
+    def first_prompt(self) -> str:
+        """The batch's first image's prompt as it stands: its result once the batch is finished,
+        else the projection of its soft prompt (what the progress bar shows)."""
+        if self.finished_prompts:
+            return self.finished_prompts[0]
+        return self.vocab.decode(self.project(self.soft_prompt[:1])[0].tolist())
 
     @torch.no_grad()
     def current_ids(self) -> torch.Tensor:

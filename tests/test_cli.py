@@ -42,6 +42,8 @@ def test_print_config_round_trip_and_results_per_image(tiny_model, image_folder,
     assert other[0].split() == ["image", "caption", "prompt"], frames[:12]
     assert len(other) == 1 + 4 + 1, other  # the header, a row per image, the line naming prompts.jsonl
     rows = read_jsonl(run_dir / "prompts.jsonl")
+    last_frame = [f for f in frames if f.startswith("invert:")][-1]  # ends on the last image's result
+    assert f"prompt={next(r for r in rows if r['image_id'] == 'img3.png')['prompt'][:60]}," in last_frame
     assert sorted(r["image_id"] for r in rows) == [f"img{i}.png" for i in range(4)]
     assert (run_dir / "config.yaml").is_file()
     report = (run_dir / "report.html").read_text()  # written by every run (HTMLReport is a default callback)
