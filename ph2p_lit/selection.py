@@ -23,6 +23,18 @@ from .similarity import load_similarity
 
 @dataclass
 class Selection:
+    """Settings of the selection by image (model.selection in the config; null: by the loss).
+
+    Args:
+        select_by: "clip": CLIP image similarity between the target and an image generated from
+            the prompt; "oracle": the demo world's attribute oracle in CLIP's place.
+        every_n_steps: score the current prompts this often (and at the first and last step);
+            each scoring generates one image per image of the batch.
+        clip_model: the CLIPModel (hub id or folder) for select_by: clip.
+        generation_steps: DDIM steps of each generated image.
+        guidance: classifier-free guidance scale of each generated image.
+    """
+
     select_by: Literal["clip", "oracle"] = "clip"
     every_n_steps: int = 10
     clip_model: str = "openai/clip-vit-large-patch14"
