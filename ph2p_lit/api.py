@@ -1,8 +1,8 @@
 """The Python API: what `ph2p invert` and `ph2p reconstruct` do, from a notebook or a script.
 
-    from ph2p_lit import invert, reconstruct
-    rows = invert(["a.png", "b.png"], config="demo", model={"steps": 10})
-    rebuilt = reconstruct("runs/demo/prompts.jsonl", model={"edit": "red->blue"})
+    >>> from ph2p_lit import invert, reconstruct
+    >>> rows = invert(["a.png", "b.png"], config="demo", model={"steps": 10})
+    >>> rebuilt = reconstruct("runs/demo/prompts.jsonl", model={"edit": "red->blue"})
 
 The settings go through the same parser as the command line (the config's YAML, then the
 keyword sections on top), so a config, the CLI and this function give the same run.
@@ -43,16 +43,12 @@ def invert(
     ckpt_path: resume from this checkpoint ("last": the run folder's newest).
     table: print the table of prompts, as the command does.
     """
-    settings = _load(config)
-    for section, values in (("model", model), ("data", data), ("trainer", trainer)):
-        settings.setdefault(section, {}).update(copy.deepcopy(values or {}))
+    settings = _settings(config, run_dir, model, data, trainer)
     paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
     if not paths:
         raise InputError("images: give one or more image files or a folder")
     source = {"root": str(paths[0])} if len(paths) == 1 and paths[0].is_dir() else {"files": [str(p) for p in paths]}
     settings["data"] = {**settings["data"], **{k: None for k in SOURCES}, **source}  # these images, not the config's
-    if run_dir is not None:
-        settings["trainer"]["default_root_dir"] = str(run_dir)
     if ckpt_path is not None:
         settings["ckpt_path"] = ckpt_path
     folder = run_inversion(settings, table=table)
@@ -80,18 +76,25 @@ def reconstruct(
     run_dir: the run folder (trainer.default_root_dir); None: the config's, else runs/reconstruct.
     model, data, trainer: settings on top of the config's, by section, e.g. model={"guidance": 1.0}.
     """
-    settings = _load(config)
-    for section, values in (("model", model), ("data", data), ("trainer", trainer)):
-        settings.setdefault(section, {}).update(copy.deepcopy(values or {}))
+    settings = _settings(config, run_dir, model, data, trainer)
     settings["data"] = {**settings["data"], "prompts": str(prompts), "prompt": None, "root": None, "files": None}
-    if run_dir is not None:
-        settings["trainer"]["default_root_dir"] = str(run_dir)
     folder, keys = run_reconstruction(settings)
     rows = RunFolder(folder).rows("reconstructions")
     return sorted((r for r in rows if (r["image_id"], r.get("settings")) in keys), key=lambda r: r["image_id"])
 
 
-def _load(config: str | None) -> dict:
+def _settings(config: str | None, run_dir, model: dict | None, data: dict | None, trainer: dict | None) -> dict:
+    """The config's settings with the call's on top, section by section."""
+    settings = load_config(config)
+    for section, values in (("model", model), ("data", data), ("trainer", trainer)):
+        settings.setdefault(section, {}).update(copy.deepcopy(values or {}))
+    if run_dir is not None:
+        settings["trainer"]["default_root_dir"] = str(run_dir)
+    return settings
+
+
+def load_config(config: str | None) -> dict:
+    """A config file, or a shipped one by name, as a dict of sections; None: no settings."""
     if config is None:
         return {}
     path = Path(packaged_config(config))

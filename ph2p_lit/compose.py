@@ -9,12 +9,10 @@ import html
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
 
-from .api import invert
+from .api import invert, load_config
 from .backbone import Backbone
-from .configs import packaged_config
 from .errors import InputError
 from .generate import generate
 from .images import IMAGE_EXTENSIONS, data_uri, image_grid, to_pil
@@ -81,7 +79,7 @@ def compose(
     sets = [_concept_images(c) for c in concepts]
     out_dir, settings = Path(out), copy.deepcopy(invert_settings or {})
     if model is None:
-        model = (yaml.safe_load(Path(packaged_config(config)).read_text()) or {}).get("model", {}).get("model", "demo")
+        model = load_config(config).get("model", {}).get("model", "demo")
     settings.setdefault("model", {})["model"] = model
     n_images = sum(len(s) for s in sets)
     print(f"compose: inverting {n_images} concept image(s) into {out_dir / 'concepts'}", flush=True)
