@@ -77,7 +77,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write a whole file or nothing: a crash leaves the old file (or none), never half a new one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
