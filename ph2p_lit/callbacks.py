@@ -17,7 +17,7 @@ from .runs import RunFolder, append_line, file_name, read_jsonl, save_atomic
 
 class PromptLogger(L.Callback):
     """Every `every_n_steps`, project the soft prompts and append the hard prompts with their
-    current loss to `trace.jsonl` in the run folder (logger-independent, readable while running)."""
+    current loss and U-Net evaluations to `trace.rank<r>.jsonl` in the run folder (logger-independent, readable while running)."""
 
     def __init__(self, every_n_steps: int = 50):
         self.every_n_steps = every_n_steps
@@ -28,9 +28,10 @@ class PromptLogger(L.Callback):
         ids = pl_module.current_ids()
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        for image_id, row, loss in zip(pl_module.image_ids, ids, outputs["losses"].tolist()):
+        evals = pl_module.unet_evals.tolist()
+        for image_id, row, loss, spent in zip(pl_module.image_ids, ids, outputs["losses"].tolist(), evals):
             record = {"image_id": image_id, "step": pl_module.step_in_batch, "loss": loss,
-                      "prompt": pl_module.vocab.decode(row.tolist())}
+                      "prompt": pl_module.vocab.decode(row.tolist()), "unet_evals": spent}
             append_line(run_dir / f"trace.rank{trainer.global_rank}.jsonl", record)
 
 
