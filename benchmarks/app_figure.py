@@ -37,7 +37,7 @@ def main() -> None:
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
                     "--hide-scrollbars", f"--screenshot={Path(args.out).resolve()}", "--window-size=1400,1250",
-                    "--virtual-time-budget=60000", f"http://127.0.0.1:{port}/"],
+                    "--virtual-time-budget=20000", f"http://127.0.0.1:{port}/"],
                    check=True, capture_output=True, timeout=300)
     page.close()
     print(f"wrote {args.out}")

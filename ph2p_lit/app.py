@@ -15,7 +15,7 @@ from pathlib import Path
 from .api import invert, reconstruct
 from .errors import InputError
 from .generate import generate_grids
-from .runs import read_jsonl
+from .runs import RunFolder, read_jsonl
 
 TRACE_EVERY = 1  # the page shows the prompt after every optimiser step
 
@@ -61,6 +61,10 @@ class PromptApp:
         """Yields (status, rows | None): the current prompt of each image while it is searched,
         then the finished lines of prompts.jsonl, one per dropped image in order."""
         paths, run = self.store(files)
+        done = {row.get("source"): row for row in RunFolder(run).rows("prompts")}
+        if all(str(p) in done for p in paths):  # a set dropped before: no model to load
+            yield f"done: {len(paths)} prompts in {run / 'prompts.jsonl'}", [done[str(p)] for p in paths]
+            return
         result, error = [], []
 
         def work():
@@ -96,12 +100,14 @@ class PromptApp:
 
     def generated(self, rows: list[dict]) -> list[tuple[str, str]]:
         """Images generated from each prompt, by the same code as `ph2p generate`."""
-        run = self.run_of(rows)
-        out = run / "generated"
-        generate_grids([r["prompt"] for r in rows], out=str(out), images_per_prompt=self.images_per_prompt,
-                       model=self.model or "demo", steps=self.sample_steps)
-        listing = {r["prompt"]: out / r["grid"] for r in read_jsonl(out / "generated.jsonl")}
-        return [(str(listing[r["prompt"]]), r["prompt"]) for r in rows if r["prompt"] in listing]
+        out = self.run_of(rows) / "generated"
+        listing = out / "generated.jsonl"
+        grids = {r["prompt"]: out / r["grid"] for r in read_jsonl(listing)} if listing.is_file() else {}
+        if any(r["prompt"] not in grids for r in rows):  # else every grid is there: no model to load
+            generate_grids([r["prompt"] for r in rows], out=str(out), images_per_prompt=self.images_per_prompt,
+                           model=self.model or "demo", steps=self.sample_steps)
+            grids = {r["prompt"]: out / r["grid"] for r in read_jsonl(listing)}
+        return [(str(grids[r["prompt"]]), r["prompt"]) for r in rows if r["prompt"] in grids]
 
     def embeddings(self, rows: list[dict]) -> list[str]:
         run = self.run_of(rows)
@@ -138,21 +144,22 @@ def build(app: PromptApp):
                 go = gr.Button("find the prompts", variant="primary")
                 live = gr.Textbox(label="search (current prompt of each image)", lines=3)
             with gr.Column():
-                prompts = gr.Dataframe(headers=["image", "prompt", "loss", "U-Net evaluations"], label="prompts")
+                prompts = gr.Dataframe(headers=["image", "prompt", "loss", "U-Net evals"], label="prompts", wrap=True)
                 files = gr.File(label="textual-inversion files (pipe.load_textual_inversion)", file_count="multiple")
-        generated = gr.Gallery(label="generated from each prompt", columns=2)
+        generated = gr.Gallery(label="generated from each prompt", columns=4, height=320, object_fit="contain")
         with gr.Row():
             edit = gr.Textbox(label='edit ("red->blue", or a whole prompt)')
             do_edit = gr.Button("edit the images")
-        edited = gr.Gallery(label="edited (negative-prompt inversion)", columns=4)
+        edited = gr.Gallery(label="edited (negative-prompt inversion)", columns=6, height=240, object_fit="contain")
 
         def find(paths):
             for status, found in app.invert(paths or []):
                 if found is None:
                     yield status, gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 else:
-                    table = [[Path(r["image_id"]).name, r["prompt"], round(r["best_loss"], 5), r["unet_evals"]]
-                             for r in found]
+                    # one line per dropped image, in order: named as the user named it
+                    table = [[Path(p).name, r["prompt"], round(r["best_loss"], 4), r["unet_evals"]]
+                             for p, r in zip(paths, found)]
                     yield status, table, app.embeddings(found), app.generated(found), found
 
         outputs = [live, prompts, files, generated, rows]
