@@ -9,6 +9,7 @@ keyword sections on top), so a config, the CLI and this function give the same r
 """
 
 import copy
+import os
 from pathlib import Path
 
 import yaml
@@ -55,8 +56,8 @@ def invert(
     rows = RunFolder(folder).rows("prompts")
     if "root" in source:
         return sorted(rows, key=lambda row: row["image_id"])
-    by_source = {row.get("source"): row for row in rows}
-    return [by_source[str(p)] for p in paths if str(p) in by_source]
+    by_source = {row.get("source"): row for row in rows}  # invert writes each source as its absolute path
+    return [by_source[os.path.abspath(p)] for p in paths if os.path.abspath(p) in by_source]
 
 
 def reconstruct(

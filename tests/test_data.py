@@ -187,8 +187,9 @@ def test_prompted_images_check_their_files_like_the_inversion_targets(tmp_path, 
 
     (tmp_path / "broken.png").write_bytes(b"not an image")
     prompts = tmp_path / "prompts.jsonl"
-    append_line(prompts, {"image_id": "img1.png", "source": f"{image_folder}/img1.png", "prompt": "a"})
-    append_line(prompts, {"image_id": "broken.png", "source": str(tmp_path / "broken.png"), "prompt": "b"})
+    append_line(prompts, {"image_id": "img1.png", "source": f"{image_folder}/img1.png", "source_root": image_folder,
+                          "prompt": "a"})
+    append_line(prompts, {"image_id": "broken.png", "source": "broken.png", "prompt": "b"})  # beside the prompts file
     data = PromptedImages(prompts=str(prompts), resolution=8)
     data.setup()
     assert data.images.image_ids() == ["img1.png"]
