@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import InputError
+from .image_sets import source_file
 from .runs import RunFolder, file_name, write_text_atomic
 
 COLUMNS = ("file_name", "prompt", "caption", "image_id")  # imagefolder and CSV columns, in this order
@@ -26,6 +27,7 @@ def export(
     format: Literal["txt", "imagefolder", "csv"] = "txt",
     out: str | None = None,
     overwrite: bool = False,
+    source_root: str | None = None,
 ) -> Path:
     """Write the prompts of an invert run for other tools.
 
@@ -41,13 +43,17 @@ def export(
             RUN/prompts.csv).
         overwrite: replace `.txt` files that an earlier export of this run did not write
             (a caption the user made); without it they are kept and counted.
+        source_root: the folder the images are read from (and their `.txt` written beside),
+            when they moved or the prompts came from someone else; default: each line's own
+            `source_root`. A line naming a file outside it is skipped.
     """
     folder = RunFolder(run)
     rows = _rows(folder)
+    images = {row["image_id"]: source_file(row, source_root, folder.path, "--source_root")[0] for row in rows}
     if format == "txt":
-        where = _write_txt(folder, rows, Path(out) if out else None, overwrite)
+        where = _write_txt(folder, rows, images, Path(out) if out else None, overwrite)
     elif format == "imagefolder":
-        where = _write_imagefolder(rows, Path(out) if out else folder.path / "imagefolder")
+        where = _write_imagefolder(rows, images, Path(out) if out else folder.path / "imagefolder")
     elif format == "csv":
         where = _write_csv(rows, Path(out) if out else folder.path / "prompts.csv")
     else:
@@ -63,11 +69,6 @@ def _rows(folder: RunFolder) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def source_path(row: dict) -> Path:
-    """The image file a line names."""
-    return Path(str(row.get("source", "")))
-
-
 def mirror_path(image_id: str) -> Path:
     """An image's place in a mirror of the input tree: its id when that is a relative path inside
     the tree (folder runs: the path under data.root), else its run-folder file name (one level)."""
@@ -81,14 +82,15 @@ def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _write_txt(folder: RunFolder, rows: list[dict], out: Path | None, overwrite: bool) -> Path:
+def _write_txt(folder: RunFolder, rows: list[dict], images: dict[str, Path | None], out: Path | None,
+               overwrite: bool) -> Path:
     manifest_path = folder.path / "exports.json"
     written = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     counts = {"written": 0, "unchanged": 0, "kept": 0, "missing": 0, "clash": 0}
     taken = set()
     for row in rows:
-        image = source_path(row)
-        if out is None and not image.is_file():
+        image = images[row["image_id"]]
+        if out is None and image is None:  # gone, or outside the images' root: nothing written there
             counts["missing"] += 1
             continue
         # a.png's caption is a.txt, the name trainers look for (a.png and a.jpg share it: the first wins)
@@ -115,21 +117,22 @@ def _write_txt(folder: RunFolder, rows: list[dict], out: Path | None, overwrite:
     write_text_atomic(manifest_path, json.dumps(written, indent=0, sort_keys=True) + "\n")
     where = out if out is not None else "beside each image"
     note = f"; {counts['kept']} existing caption files kept (--overwrite true replaces them)" if counts["kept"] else ""
-    note += f"; {counts['missing']} images not found (their source moved?)" if counts["missing"] else ""
+    note += f"; {counts['missing']} images not found (moved? --source_root names their folder)" \
+        if counts["missing"] else ""
     note += f"; {counts['clash']} images share a .txt name with another (a.png, a.jpg): the first kept it" \
         if counts["clash"] else ""
     print(f"export txt: {counts['written']} written, {counts['unchanged']} unchanged, {where}{note}")
     return Path(out) if out is not None else folder.path
 
 
-def _write_imagefolder(rows: list[dict], out: Path) -> Path:
+def _write_imagefolder(rows: list[dict], images: dict[str, Path | None], out: Path) -> Path:
     """Each image linked (copied across file systems) under its relative name, and
     metadata.jsonl beside them, so the dataset is one self-contained folder."""
     lines, missing = [], 0
     for row in rows:
-        image, name = source_path(row), mirror_path(row["image_id"])
+        image, name = images[row["image_id"]], mirror_path(row["image_id"])
         target = out / name
-        if not image.is_file():
+        if image is None:
             missing += 1
             continue
         if not (target.is_file() and target.stat().st_size == image.stat().st_size):
@@ -146,7 +149,7 @@ def _write_imagefolder(rows: list[dict], out: Path) -> Path:
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "metadata.jsonl", "".join(lines))
-    note = f"; {missing} images not found (their source moved?)" if missing else ""
+    note = f"; {missing} images not found (moved? --source_root names their folder)" if missing else ""
     print(f"export imagefolder: {len(lines)} images and metadata.jsonl in {out}{note}")
     return out
 

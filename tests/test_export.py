@@ -23,7 +23,8 @@ def run(tmp_path):
         Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(images / name)
     folder = RunFolder(tmp_path / "run")
     for rank, (name, prompt) in enumerate(PROMPTS.items()):
-        row = {"image_id": name, "source": str(images / name), "caption": f"caption {name}", "prompt": prompt}
+        row = {"image_id": name, "source": str(images / name), "source_root": str(images),
+               "caption": f"caption {name}", "prompt": prompt}
         folder.append("prompts", row, rank=min(rank, 1))
     with open(folder.results_file("prompts"), "a") as f:
         f.write('{"image_id": "torn.png", "prom')  # a write cut by a kill: not an image yet
@@ -40,7 +41,8 @@ def test_txt_beside_each_image_keeps_a_users_caption_unless_told(run, capsys):
     assert "1 existing caption files kept" in capsys.readouterr().out
     # A new prompt for a.png: the file an earlier export wrote is updated; the user's still kept.
     folder = RunFolder(run / "run")
-    folder.append("prompts", {"image_id": "a b.png", "source": str(images / "a b.png"), "prompt": "a new prompt"})
+    folder.append("prompts", {"image_id": "a b.png", "source": str(images / "a b.png"), "source_root": str(images),
+                              "prompt": "a new prompt"})
     export(str(run / "run"), "txt")
     assert (images / "a b.txt").read_text() == "a new prompt\n" and (images / "c.txt").read_text() == "my own caption\n"
     export(str(run / "run"), "txt", overwrite=True)
@@ -77,3 +79,17 @@ def test_csv_reads_back_with_the_csv_module(run):
 def test_a_folder_without_prompts_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no prompts.jsonl here"):
         main(["export", str(tmp_path), "--format", "txt"])
+
+
+def test_a_line_naming_a_file_outside_its_root_writes_nothing_there(run, capsys):
+    """A prompts file from someone else cannot make export write beside any file it names."""
+    outside = run / "elsewhere" / "x.png"
+    outside.parent.mkdir()
+    outside.write_bytes((run / "images" / "c.jpg").read_bytes())
+    RunFolder(run / "run").append("prompts", {"image_id": "x.png", "source": "../elsewhere/x.png",
+                                              "source_root": str(run / "images"), "prompt": "p"})
+    export(str(run / "run"), "txt")
+    assert not (run / "elsewhere" / "x.txt").exists() and (run / "images" / "c.txt").is_file()
+    assert "1 images not found" in capsys.readouterr().out
+    export(str(run / "run"), "txt", source_root=str(run))  # the user trusts it: a root that holds it
+    assert (run / "elsewhere" / "x.txt").read_text() == "p\n"
