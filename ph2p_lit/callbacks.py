@@ -36,8 +36,9 @@ class PromptLogger(L.Callback):
 
 class ResultsWriter(L.Callback):
     """Write each finished image's line in `prompts.jsonl` (one file per rank while running,
-    merged at the end), its continuous prompt as a textual-inversion file in `embeddings/`, and
-    the images that could not be read in `failures.jsonl`; hold the run folder's lock.
+    merged when a run starts and when it ends), its continuous prompt as a textual-inversion file
+    in `embeddings/`, and the images that could not be read in `failures.jsonl`; hold the run
+    folder's lock.
 
     The module adds this callback itself (configure_callbacks), so a trainer.callbacks list
     without it still writes every result.
@@ -55,6 +56,11 @@ class ResultsWriter(L.Callback):
         self.lock = self.run.lock() if trainer.is_global_zero else None
         if self.lock is not None:
             self.lock.acquire()
+            # What a run killed before its end left unmerged (a DDP run killed while rank 0 wrote
+            # the report) is merged now: a rerun that finds every image done has no training end.
+            # No rank writes before the barrier that ends set-up, so nothing is appended meanwhile.
+            self.run.merge("prompts")
+            self.list_failures(getattr(trainer.datamodule, "failures", []) if trainer.datamodule else [])
 
     def teardown(self, trainer, pl_module, stage):
         if self.lock is not None:
@@ -64,15 +70,15 @@ class ResultsWriter(L.Callback):
         if self.lock is not None:
             self.lock.release()  # a run that stops on an error frees its folder for the rerun
 
-    def on_train_start(self, trainer, pl_module):
-        failures = getattr(trainer.datamodule, "failures", []) if trainer.datamodule else []
-        if trainer.is_global_zero:
-            path = self.run.path / "failures.jsonl"
-            listed = {(f.get("image_id"), f.get("error")) for f in read_jsonl(path)} if path.is_file() else set()
-            for failure in failures:  # a resumed run finds the same bad files again: list each once
-                if (failure["image_id"], failure["error"]) not in listed:
-                    append_line(path, failure)
-                    listed.add((failure["image_id"], failure["error"]))
+    def list_failures(self, failures: list[dict]) -> None:
+        """The images that could not be read, in failures.jsonl: at set-up, so that a rerun with
+        nothing left to invert lists a bad file added since too."""
+        path = self.run.path / "failures.jsonl"
+        listed = {(f.get("image_id"), f.get("error")) for f in read_jsonl(path)} if path.is_file() else set()
+        for failure in failures:  # a resumed run finds the same bad files again: list each once
+            if (failure["image_id"], failure["error"]) not in listed:
+                append_line(path, failure)
+                listed.add((failure["image_id"], failure["error"]))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not outputs or not outputs["finished"]:

@@ -150,6 +150,8 @@ def quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
     # Lightning's own use of a torch API it has not moved off yet; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # A rerun that finds every image done plans no batch; the data module has said so in its words.
+    warnings.filterwarnings("ignore", message=r"Total length of `\w+` across ranks is zero\. ")
 
 
 def one_line(text: str) -> str:

@@ -161,8 +161,9 @@ class RunFolder:
     """One command's run folder (trainer.default_root_dir): where its per-image results live.
 
     Results are `<kind>.jsonl` ("prompts", "reconstructions"): rank 0 writes that file, rank r
-    `<kind>.rank<r>.jsonl`, and `merge` folds them into the first when the run ends. Readers go
-    through `rows`, which sees every rank's lines whether merged yet or not.
+    `<kind>.rank<r>.jsonl`, and `merge` folds them into the first when a run starts (what a killed
+    run left) and when it ends. Readers go through `rows`, which sees every rank's lines whether
+    merged yet or not.
     """
 
     def __init__(self, path: str | Path):

@@ -1,0 +1,66 @@
+"""A run's start and end on every rerun (the merge of rank files, the report, config.yaml), the
+API's one result per input, a new image source's own run folder, a read-only run folder and a
+full disk during a checkpoint save."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ph2p_lit.cli import main
+from ph2p_lit.runs import read_jsonl
+
+REPORT = "{class_path: ph2p_lit.report.HTMLReport, init_args: {images_per_prompt: 0}}"
+
+
+def _images(folder, n=3, names=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)))
+    for name in names or [f"img{i}.png" for i in range(n)]:
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def _cli(tiny_model, *extra, callbacks=f"[{REPORT}]"):
+    """`ph2p invert` in this process with tiny settings; `extra` names the images and the run folder."""
+    main(["invert", f"--model.model={tiny_model}", "--model.prompt_length=2", "--model.steps=2", "--model.max_iter=1",
+          "--model.local_files_only=true", "--model.init_prompt=null", "--data.batch_size=3",
+          "--trainer.enable_progress_bar=false", f"--trainer.callbacks={callbacks}", *extra])
+
+
+# ---- item 2: a rerun that finds every image done still ends the run -------------------------
+
+def test_a_rerun_with_every_image_done_merges_the_ranks_and_writes_the_missing_report(tiny_model, tmp_path):
+    """A DDP run killed while rank 0 wrote the report: rank 1's lines unmerged, no report.html.
+    The rerun has nothing to invert; it merges, writes the report, and says nothing of a
+    zero-length DataLoader."""
+    root, run = _images(tmp_path / "images"), tmp_path / "run"
+    _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}")
+    lines = (run / "prompts.jsonl").read_text().splitlines(keepends=True)
+    (run / "prompts.jsonl").write_text(lines[0])
+    (run / "prompts.rank1.jsonl").write_text("".join(lines[1:]))
+    (run / "report.html").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}")
+    assert (run / "prompts.jsonl").read_text() == "".join(lines)  # merged, nothing inverted again
+    assert not (run / "prompts.rank1.jsonl").exists()
+    report = (run / "report.html").read_text()
+    assert all(f"<td>img{i}.png</td>" in report for i in range(3))
+    assert not [str(w.message) for w in caught if "across ranks is zero" in str(w.message)]
+
+
+def test_a_rerun_leaves_an_up_to_date_report_alone(tiny_model, tmp_path):
+    """`ph2p evaluate` writes the report again with its measures; a rerun with nothing to do keeps it."""
+    root, run = _images(tmp_path / "images", n=1), tmp_path / "run"
+    _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}")
+    page = run / "report.html"
+    page.write_text(page.read_text().replace("</h1>", "</h1><p>measures by evaluate</p>"))
+    _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}")
+    assert "measures by evaluate" in page.read_text()
+    append = {**read_jsonl(run / "prompts.jsonl")[0], "image_id": "other.png", "prompt": "another prompt"}
+    (run / "prompts.jsonl").write_text((run / "prompts.jsonl").read_text() + json.dumps(append) + "\n")
+    _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}")
+    assert "another prompt" in page.read_text()  # out of date: written again
