@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from diffusers.utils import logging as diffusers_logging
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from transformers.utils import logging as transformers_logging
 
 from .configs import with_packaged_configs
@@ -71,6 +71,20 @@ class ParsingCLI(LightningCLI):
             self.config = parser.parse_args(args)
         except argparse.ArgumentError as e:
             raise argument_error(self.command, e, list(parser._option_string_actions)) from None
+
+
+class RunConfig(SaveConfigCallback):
+    """config.yaml in the run folder, written through RunFolder when the first batch starts: by then
+    the run holds the folder's lock and has images to invert. (Lightning's writes it at set-up, so a
+    run the lock refuses, or a rerun with new settings that finds every image done, rewrote the
+    config of the prompts already there.)"""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        pass
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            RunFolder(trainer.default_root_dir).write_config(self.parser.dump(self.config, skip_none=False))
 
 
 def options_before_trainer(parser) -> None:
@@ -185,7 +199,7 @@ def run_inversion(args: list[str] | dict, table: bool = True) -> Path:
         ImageDataModule,
         args=args,
         run=False,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunConfig,
         subclass_mode_model=False,
         parser_kwargs=parser_settings("invert"),
         auto_configure_optimizers=False,  # the module has its own optimiser (model.optimizer)

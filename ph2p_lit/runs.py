@@ -3,8 +3,9 @@
 What it owns: each image id's file name (`file_name`: one name per id, never shared), per-rank
 result files and their merge (`RunFolder.append` / `merge`), whole-line appends that are fsynced
 and repair a torn last line, whole-file atomic writes (`write_text_atomic`, `save_atomic`), the
-set of finished images (`RunFolder.rows` / `done_keys`), and the lock that keeps a second run out
-(`RunLock`). Written so that a crash loses nothing already written.
+set of finished images (`RunFolder.rows` / `done_keys`), the lock that keeps a second run out
+(`RunLock`), and config.yaml, written by the lock's holder (`RunFolder.write_config`). Written so
+that a crash loses nothing already written.
 """
 
 import errno
@@ -204,3 +205,9 @@ class RunFolder:
     def lock(self) -> "RunLock":
         self.path.mkdir(parents=True, exist_ok=True)
         return RunLock(self.path)
+
+    def write_config(self, text: str) -> None:
+        """config.yaml: the settings the folder's prompts are made with. Written by the run that holds
+        the lock once it has images to invert, so a run refused by the lock, or a rerun with new
+        settings that finds every image done, leaves the config of the prompts already there."""
+        write_text_atomic(self.path / "config.yaml", text)

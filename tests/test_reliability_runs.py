@@ -7,10 +7,11 @@ import warnings
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from ph2p_lit.cli import main
-from ph2p_lit.runs import read_jsonl
+from ph2p_lit.runs import RunLock, read_jsonl
 
 REPORT = "{class_path: ph2p_lit.report.HTMLReport, init_args: {images_per_prompt: 0}}"
 
@@ -64,3 +65,25 @@ def test_a_rerun_leaves_an_up_to_date_report_alone(tiny_model, tmp_path):
     (run / "prompts.jsonl").write_text((run / "prompts.jsonl").read_text() + json.dumps(append) + "\n")
     _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}")
     assert "another prompt" in page.read_text()  # out of date: written again
+
+
+# ---- item 7: config.yaml describes the prompts in the folder --------------------------------
+
+def test_config_yaml_is_written_only_by_a_run_that_holds_the_folder_and_inverts(tiny_model, tmp_path):
+    root, run = _images(tmp_path / "images", n=2), tmp_path / "run"
+    run.mkdir()
+    other = RunLock(run)
+    other.acquire()  # another run is writing there
+    try:
+        with pytest.raises(SystemExit, match="another run is writing"):
+            _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}", "--model.lr=0.5")
+        assert not (run / "config.yaml").exists()
+    finally:
+        other.release()
+    _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}", "--model.lr=0.5")
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["lr"] == 0.5
+    _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}", "--model.lr=0.25")  # all done
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["lr"] == 0.5
+    _images(root, names=["new.png"])
+    _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}", "--model.lr=0.25")  # one to do
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["lr"] == 0.25
