@@ -5,10 +5,12 @@ stopping, refinement, selection); these only observe it and write or show what i
 their order in trainer.callbacks does not matter.
 """
 
+import io
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 from safetensors.torch import save_file
 
@@ -104,6 +106,26 @@ class ResultsWriter(L.Callback):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             self.run.merge("prompts")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: into a temporary file beside the checkpoint, then
+    renamed over it. Lightning's own save moves a temporary from the system's temp folder, which
+    across file systems is a copy that a full disk cuts to a 0-byte `.ckpt`; here a full disk or a
+    read-only folder is one line and the previous checkpoint is kept. The invert command sets it as
+    `trainer.plugins`, so a `--trainer.callbacks+=ModelCheckpoint` writes through it."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        # Serialised in memory first (a checkpoint here is kilobytes: soft prompts, optimiser state):
+        # torch's file writer reports a full disk as a RuntimeError, Python's file as the OSError it is.
+        serialised = io.BytesIO()
+        torch.save(checkpoint, serialised)
+
+        def save(tmp: Path) -> None:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(serialised.getvalue())
+
+        save_atomic(Path(path), save)
 
 
 class PromptProgressBar(TQDMProgressBar):

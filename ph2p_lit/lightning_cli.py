@@ -115,6 +115,9 @@ class InversionCLI(ParsingCLI):
             {
                 "trainer.max_epochs": 1,
                 "trainer.default_root_dir": "runs/invert",
+                # Checkpoints whole or not at all, a full disk in one line (a ModelCheckpoint added
+                # to trainer.callbacks writes through it).
+                "trainer.plugins": [{"class_path": "ph2p_lit.callbacks.AtomicCheckpointIO"}],
                 "trainer.callbacks": DEFAULT_CALLBACKS,
                 "trainer.enable_checkpointing": False,
                 "trainer.logger": False,

@@ -143,7 +143,10 @@ class RunLock:
         self.path, self.fd = Path(folder) / "run.lock", None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only folder: the run's first write, so said here in one line
+            raise _write_error(self.path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -203,7 +206,10 @@ class RunFolder:
         return self.path / folder / f"{file_name(image_id)}{suffix}"
 
     def lock(self) -> "RunLock":
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _write_error(self.path, e) from None
         return RunLock(self.path)
 
     def write_config(self, text: str) -> None:
