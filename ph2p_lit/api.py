@@ -31,7 +31,11 @@ def invert(
     ckpt_path: str | None = None,
     table: bool = False,
 ) -> list[dict]:
-    """Recover a prompt per image; returns their lines of prompts.jsonl, in the order given.
+    """Recover a prompt per image; returns one dict per image file given, in the order given: its
+    line of prompts.jsonl, or, for a file that could not be read, its failures.jsonl entry
+    (`image_id`, `source`, `error`; no `prompt`); None for one that data.limit left out. For a
+    folder: a dict for each of that folder's images, sorted by image id (the run folder's other
+    lines are not returned).
 
     images: image files, or one folder (searched as data.root).
     config: a YAML config file, or the name of a shipped one (demo, sd15, sd21, sdxl); None:
@@ -51,12 +55,14 @@ def invert(
     settings["data"] = {**settings["data"], **{k: None for k in SOURCES}, **source}  # these images, not the config's
     if ckpt_path is not None:
         settings["ckpt_path"] = ckpt_path
-    folder = run_inversion(settings, table=table)
-    rows = RunFolder(folder).rows("prompts")
+    folder, image_ids, failures = run_inversion(settings, table=table)
+    rows = {row["image_id"]: row for row in RunFolder(folder).rows("prompts")}
+    # This call's images only (not the folder's others); an image done before it became unreadable keeps its line.
+    results = [rows[i] for i in image_ids if i in rows] + [f for f in failures if f["image_id"] not in rows]
     if "root" in source:
-        return sorted(rows, key=lambda row: row["image_id"])
-    by_source = {row.get("source"): row for row in rows}
-    return [by_source[str(p)] for p in paths if str(p) in by_source]
+        return sorted(results, key=lambda result: result["image_id"])
+    by_source = {result["source"]: result for result in results}
+    return [by_source.get(str(p)) for p in paths]
 
 
 def reconstruct(

@@ -193,9 +193,10 @@ def print_table(run_dir: Path) -> None:
         print(f"report: {run_dir / 'report.html'} (images, prompts and images generated from them)")
 
 
-def run_inversion(args: list[str] | dict, table: bool = True) -> Path:
+def run_inversion(args: list[str] | dict, table: bool = True) -> tuple[Path, list[str], list[dict]]:
     """Parse (command-line arguments, or the API's settings as a dict), invert, print the table;
-    returns the run folder."""
+    returns the run folder, the ids of the images this call stands for (inverted now or before)
+    and the failures of those that could not be read."""
     quiet_libraries()
     cli = InversionCLI(
         PromptInversion,
@@ -227,7 +228,7 @@ def run_inversion(args: list[str] | dict, table: bool = True) -> Path:
     run_dir = Path(cli.trainer.default_root_dir)
     if table and cli.trainer.is_global_zero:
         print_table(run_dir)
-    return run_dir
+    return run_dir, cli.datamodule.images.image_ids(), cli.datamodule.failures
 
 
 def _is_checkpoint_error(e: Exception) -> bool:

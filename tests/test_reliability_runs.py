@@ -14,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from ph2p_lit import invert
 from ph2p_lit.cli import main
 from ph2p_lit.runs import RunLock, read_jsonl
 
@@ -91,6 +92,42 @@ def test_config_yaml_is_written_only_by_a_run_that_holds_the_folder_and_inverts(
     _images(root, names=["new.png"])
     _cli(tiny_model, f"--data.root={root}", f"--trainer.default_root_dir={run}", "--model.lr=0.25")  # one to do
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["lr"] == 0.25
+
+
+# ---- item 8: the Python API gives one result per input, in order -----------------------------
+
+@pytest.fixture()
+def config(tmp_path, tiny_model):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"model": tiny_model, "prompt_length": 2, "steps": 2, "max_iter": 1, "init_prompt": None,
+                  "local_files_only": True},
+        "data": {"root": str(_images(tmp_path / "config_images", n=1)), "batch_size": 2},
+        "trainer": {"default_root_dir": str(tmp_path / "runs" / "tiny"), "enable_progress_bar": False,
+                    "callbacks": []},
+    }))
+    return str(path)
+
+
+def test_invert_gives_an_unreadable_input_its_own_place(config, tmp_path):
+    root = _images(tmp_path / "mine", n=2)
+    (root / "bad.png").write_bytes(b"not a png")
+    files = [root / "img0.png", root / "bad.png", root / "img1.png"]
+    rows = invert(files, config=config, run_dir=tmp_path / "run")
+    assert len(rows) == 3
+    assert rows[0]["source"] == str(files[0]) and rows[2]["source"] == str(files[2])
+    assert rows[1]["source"] == str(files[1]) and "error" in rows[1] and "prompt" not in rows[1]
+    assert [r["source"] for r in invert(files[::-1], config=config, run_dir=tmp_path / "run")] == \
+        [str(f) for f in files[::-1]]  # again, done: the same lines in the new order
+
+
+def test_invert_of_a_folder_returns_that_folders_images_only(config, tmp_path):
+    run = tmp_path / "run"
+    invert([_images(tmp_path / "first", n=1, names=["x.png"]) / "x.png"], config=config, run_dir=run)
+    second = _images(tmp_path / "second", n=2)
+    rows = invert(second, config=config, run_dir=run)
+    assert [r["image_id"] for r in rows] == ["img0.png", "img1.png"]
+    assert len(read_jsonl(run / "prompts.jsonl")) == 3
 
 
 # ---- item 10: a read-only run folder, a full disk during a checkpoint -----------------------
