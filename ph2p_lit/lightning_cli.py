@@ -5,6 +5,7 @@ same parser on a dict of settings."""
 import argparse
 import difflib
 import logging
+import os
 import pickle
 import re
 import warnings
@@ -27,6 +28,8 @@ DESCRIPTIONS = {
 }
 
 IMAGE_SOURCES = ("root", "files", "dataset", "prompts", "prompt")  # data.* keys that say which images
+INVERT_SOURCES = ("root", "files", "dataset")  # ImageDataModule's
+INVERT_RUN_DIR = "runs/invert"  # the run folder when no config names one
 
 # The results writer is not listed: the module adds it itself (PromptInversion.configure_callbacks).
 DEFAULT_CALLBACKS = [
@@ -63,7 +66,7 @@ class ParsingCLI(LightningCLI):
         # A source of images named on the command line replaces the config's: `--config
         # configs/demo.yaml --data.files list.txt` means these files, not the demo folder too.
         args = with_packaged_configs(args)
-        named = {a[len("--data."):].split("=")[0] for a in args if a.startswith("--data.")} & set(IMAGE_SOURCES)
+        named = named_sources(args)
         if named:
             args = args + [f"--data.{key}=null" for key in IMAGE_SOURCES
                            if key not in named and f"--data.{key}" in parser._option_string_actions]
@@ -71,6 +74,46 @@ class ParsingCLI(LightningCLI):
             self.config = parser.parse_args(args)
         except argparse.ArgumentError as e:
             raise argument_error(self.command, e, list(parser._option_string_actions)) from None
+
+
+def named_sources(args: list[str]) -> set[str]:
+    """The data.* image sources named on the command line."""
+    return {a[len("--data."):].split("=")[0] for a in args if a.startswith("--data.")} & set(IMAGE_SOURCES)
+
+
+def own_run_folder(config_run_dir: str, config_data, data) -> str:
+    """The run folder of `data`'s images: the config's when they are the config's own images; for
+    others the config's folder, a dash and their name (runs/demo and my_images/: runs/demo-my_images).
+    In a shared folder an image of the second source would count as done because an image of the
+    first had its file name, and config.yaml would describe the other run."""
+    if image_source(data) == image_source(config_data):
+        return str(config_run_dir)
+    return f"{os.path.normpath(config_run_dir)}-{source_name(data)}"
+
+
+def image_source(data) -> dict:
+    """data.root, data.files and data.dataset, their paths normalised ("my_images/" is "my_images")."""
+    def normal(value):
+        if isinstance(value, str):
+            return os.path.normpath(value)
+        return [os.path.normpath(str(f)) for f in value] if value else value
+
+    return {key: normal(data.get(key)) for key in INVERT_SOURCES}
+
+
+def source_name(data) -> str:
+    """A short name for a run's images: the folder's, the list file's, the listed images' folder's,
+    or the dataset's."""
+    root, files, dataset = (data.get(key) for key in INVERT_SOURCES)
+    if root:
+        name = Path(os.path.abspath(root)).name
+    elif isinstance(files, str):
+        name = Path(files).stem
+    elif files:
+        name = Path(os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])).name
+    else:
+        name = Path(str(dataset or "")).name
+    return name or "images"
 
 
 class RunConfig(SaveConfigCallback):
@@ -103,6 +146,18 @@ def parser_settings(command: str) -> dict:
 
 
 class InversionCLI(ParsingCLI):
+    def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, dict) or not named_sources(args) or any(
+                a.split("=")[0] == "--trainer.default_root_dir" for a in args):
+            # The API resolves its own run folder (api.invert); a folder named is used as named.
+            return super().parse_arguments(parser, args)
+        # Images other than the config's own get their own run folder (own_run_folder), named
+        # before the parse that counts, so that --print_config shows it too.
+        super().parse_arguments(parser, [a for a in args if not a.startswith("--print_config")])
+        config_alone = parser.parse_args([f"--config={path}" for path in self.config.get("config") or []])
+        folder = own_run_folder(config_alone.trainer.default_root_dir, config_alone.data, self.config.data)
+        super().parse_arguments(parser, [*args, f"--trainer.default_root_dir={folder}"])
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from: a file, or 'last' for the run folder's newest")
@@ -114,7 +169,7 @@ class InversionCLI(ParsingCLI):
         parser.set_defaults(
             {
                 "trainer.max_epochs": 1,
-                "trainer.default_root_dir": "runs/invert",
+                "trainer.default_root_dir": INVERT_RUN_DIR,
                 # Checkpoints whole or not at all, a full disk in one line (a ModelCheckpoint added
                 # to trainer.callbacks writes through it).
                 "trainer.plugins": [{"class_path": "ph2p_lit.callbacks.AtomicCheckpointIO"}],

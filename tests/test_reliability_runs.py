@@ -130,6 +130,38 @@ def test_invert_of_a_folder_returns_that_folders_images_only(config, tmp_path):
     assert len(read_jsonl(run / "prompts.jsonl")) == 3
 
 
+# ---- README item 1: another image source gets its own run folder ----------------------------
+
+def test_another_image_source_gets_its_own_run_folder(config, tiny_model, tmp_path, capsys):
+    """`--config X --data.root my_images/` does not append to X's run folder, rewrite its
+    config.yaml, or take a new image for done because a config image has its file name."""
+    demo = tmp_path / "runs" / "tiny"
+    main(["invert", f"--config={config}"])
+    before = {p.name: p.read_bytes() for p in demo.iterdir() if p.is_file() and p.name != "run.lock"}
+    mine = _images(tmp_path / "my_images", n=1)  # img0.png, as the config's own image is named
+    main(["invert", f"--config={config}", "--data.root", f"{mine}/"])
+    assert {p.name: p.read_bytes() for p in demo.iterdir() if p.is_file() and p.name != "run.lock"} == before
+    own = tmp_path / "runs" / "tiny-my_images"
+    assert [r["source"] for r in read_jsonl(own / "prompts.jsonl")] == [str(mine / "img0.png")]
+    assert f"1 prompts in {own / 'prompts.jsonl'}" in capsys.readouterr().out
+    assert yaml.safe_load((own / "config.yaml").read_text())["data"]["root"] == f"{mine}/"
+    with pytest.raises(SystemExit):  # the config it would run with says so too
+        main(["invert", f"--config={config}", "--data.root", f"{mine}/", "--print_config"])
+    assert f"default_root_dir: {own}\n" in capsys.readouterr().out
+    # The API too; and a run folder the user names is used as named.
+    assert invert(mine, config=config)[0]["source"] == str(mine / "img0.png")
+    assert len(read_jsonl(own / "prompts.jsonl")) == 1
+    main(["invert", f"--config={config}", f"--data.files=[{mine / 'img0.png'}]", f"--trainer.default_root_dir={demo}"])
+    assert len(read_jsonl(demo / "prompts.jsonl")) == 2
+
+
+def test_the_configs_own_source_keeps_the_configs_run_folder(config, tmp_path):
+    source = yaml.safe_load(open(config))["data"]["root"]
+    main(["invert", f"--config={config}", f"--data.root={source}"])
+    assert (tmp_path / "runs" / "tiny" / "prompts.jsonl").is_file()
+    assert not (tmp_path / "runs" / "tiny-config_images").exists()
+
+
 # ---- item 10: a read-only run folder, a full disk during a checkpoint -----------------------
 
 def test_a_read_only_run_folder_is_one_line_naming_it(tiny_model, tmp_path, monkeypatch):
