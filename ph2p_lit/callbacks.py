@@ -14,6 +14,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 from safetensors.torch import save_file
 
+from .data import shard_name
 from .runs import RunFolder, append_line, file_name, save_atomic
 
 
@@ -45,10 +46,13 @@ class RunFolderWriter(L.Callback):
     lock = None  # taken in setup; an error before it has nothing to release
 
     def setup(self, trainer, pl_module, stage):
-        self.run = RunFolder(trainer.default_root_dir)
+        self.run = self.run_folder(trainer)
         self.lock = self.run.lock() if trainer.is_global_zero else None
         if self.lock is not None:
             self.lock.acquire()
+
+    def run_folder(self, trainer) -> RunFolder:
+        return RunFolder(trainer.default_root_dir)
 
     def teardown(self, trainer, pl_module, stage):
         if self.lock is not None:
@@ -81,6 +85,20 @@ class ResultsWriter(RunFolderWriter):
             # Failures too are listed here, not at the training start a rerun may not have.
             self.run.merge("prompts")
             self.run.add_failures(getattr(trainer.datamodule, "failures", []) if trainer.datamodule else [])
+
+    def run_folder(self, trainer) -> RunFolder:
+        """The run folder, as one shard of it when data.shard is set (its own files and lock)."""
+        shard = getattr(trainer.datamodule, "hparams", {}).get("shard") if trainer.datamodule else None
+        return RunFolder(trainer.default_root_dir, shard=shard_name(shard))
+
+    def teardown(self, trainer, pl_module, stage):
+        super().teardown(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.run.shard is not None and self.lock is not None:
+            # Its own lock released, a shard job folds every shard's lines into prompts.jsonl if no
+            # other job is writing: the last one to end leaves one file. Else the others will.
+            merged = self.run.merge_shards("prompts")
+            print(f"shard {self.run.shard}: " + ("every shard's prompts merged into prompts.jsonl" if merged else
+                  "other shards are still running; the last to end merges (or `ph2p merge RUN`)"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not outputs or not outputs["finished"]:

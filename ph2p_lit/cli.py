@@ -18,6 +18,7 @@ from .errors import InputError
 from .evaluation import evaluate as evaluate_run
 from .export import export as export_prompts
 from .app import app as serve_app
+from .runs import merge_run
 from .generate import generate_grids
 from .lightning_cli import (
     DESCRIPTIONS,
@@ -50,6 +51,8 @@ COMMANDS = {
                  function_command("evaluate", evaluate_run)),
     "export": ("a run's prompts as caption files: a .txt per image, an imagefolder metadata.jsonl, or a CSV",
                function_command("export", export_prompts)),
+    "merge": ("fold a sharded run's files (data.shard i/N jobs) into one prompts.jsonl",
+              function_command("merge", merge_run)),
     "app": ("a web page: drop images, watch their prompts being found, generate and edit (Gradio)",
             function_command("app", serve_app)),
     "compose": ("compose concepts: invert A and B, join prompts, generate, invert again, add C (HTML)",

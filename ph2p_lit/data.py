@@ -6,6 +6,7 @@ the images the run folder already has (runs.RunFolder), give each rank a disjoin
 and follow the module's `model` (and, for inversion, its `steps`).
 """
 
+import hashlib
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +24,22 @@ from .image_sets import (
     readable,
 )
 from .runs import RunFolder
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """ "i/N" -> (i, N), or a one-line error naming data.shard."""
+    index, _, count = str(shard).partition("/")
+    if not (index.strip().isdigit() and count.strip().isdigit() and int(index) < int(count)):
+        raise InputError(f"data.shard={shard!r}: give i/N with 0 <= i < N, e.g. 0/4 for the first of 4 jobs")
+    return int(index), int(count)
+
+
+def shard_name(shard: str | None) -> str | None:
+    """The part of a run folder's file names that a shard job writes: "i-of-N"."""
+    if shard is None:
+        return None
+    index, count = parse_shard(shard)
+    return f"{index}-of-{count}"
 
 
 class RunImages(L.LightningDataModule):
@@ -66,13 +83,23 @@ class RunImages(L.LightningDataModule):
         if not (skip_done and self.hparams.skip_done and self.trainer):
             return list(range(len(self.images)))
         done = RunFolder(self.trainer.default_root_dir).done_keys(self.results_kind)
-        todo = [i for i in range(len(self.images)) if self.item_key(i) not in done]
-        skipped = len(self.images) - len(todo)
+        mine = [i for i in range(len(self.images)) if self.in_shard(self.item_key(i)[0])]
+        todo = [i for i in mine if self.item_key(i) not in done]
+        skipped = len(mine) - len(todo)
         if skipped and not getattr(self, "_said_skipped", False) and self._rank() == 0:
             self._said_skipped = True  # said once per run, however often the list is asked for
-            print(f"{skipped} of {len(self.images)} images " + self.done_means.format(
+            print(f"{skipped} of {len(mine)} images " + self.done_means.format(
                 dir=self.trainer.default_root_dir, todo=len(todo)))
         return todo
+
+    def in_shard(self, image_id: str) -> bool:
+        """Whether this job inverts the image: all of them, or with data.shard i/N those whose id
+        hashes to i (stable across machines, runs and Python versions, unlike hash())."""
+        shard = getattr(self.hparams, "shard", None)
+        if shard is None:
+            return True
+        index, count = parse_shard(shard)
+        return int(hashlib.sha1(image_id.encode()).hexdigest()[:12], 16) % count == index
 
     def rank_indices(self, skip_done: bool = True) -> list[int]:
         """This rank's images: a stride slice of those not done, so every image goes to exactly
@@ -111,6 +138,10 @@ class ImageDataModule(RunImages):
         negatives: negative images (the paper's Algorithm 2; model.negative_weight): one image
             file for every target, a folder holding a negative under each target's relative
             name, or a .jsonl of {"image": target image_id, "negative": path} lines.
+        shard: "i/N": this job inverts share i of N (0 <= i < N, split by a hash of each image
+            id), writing prompts.shard-i-of-N.jsonl in the same run folder, so N independent jobs
+            (a SLURM array, pre-emptible machines) invert every image once; the last to end
+            merges them into prompts.jsonl (or `ph2p merge RUN`).
     """
 
     results_kind = "prompts"
@@ -133,8 +164,11 @@ class ImageDataModule(RunImages):
         num_workers: int = 0,
         skip_done: bool = True,
         negatives: str | None = None,
+        shard: str | None = None,
     ):
         super().__init__()
+        if shard is not None:
+            parse_shard(shard)  # a bad value stops here, in one line
         if sum(x is not None for x in (root, files, dataset)) != 1:
             raise InputError("data: give exactly one of data.root (a folder), data.files or data.dataset")
         if batch_size < 1 or (steps is not None and steps < 1):
@@ -155,7 +189,7 @@ class ImageDataModule(RunImages):
                        [], hp.dataset)
             return
         items, missing = file_items(hp.root, hp.files)
-        items = items[: hp.limit]
+        items = [item for item in items[: hp.limit] if self.in_shard(item["image_id"])]  # other shards' unread
         if hp.negatives:
             items = pair_negatives(items, Path(hp.negatives))
         items, unreadable = readable(items)

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,20 +142,27 @@ class RunLock:
 
     remedy = "wait for it to finish or choose another trainer.default_root_dir"  # what the refusal tells to do
 
-    def __init__(self, folder: Path, remedy: str | None = None):
-        self.path, self.fd, self.remedy = Path(folder) / "run.lock", None, remedy or self.remedy
+    def __init__(self, folder: Path, remedy: str | None = None, name: str = "run.lock", wait: float = 0.0):
+        self.path, self.fd, self.remedy = Path(folder) / name, None, remedy or self.remedy
+        self.wait = wait  # seconds to wait for a holder that only merges (shard jobs), not to refuse at once
 
     def acquire(self) -> None:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:  # a read-only folder: the run's first write, so said here in one line
             raise _write_error(self.path, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise InputError(f"{self.path.parent}: another run is writing to this run folder ({self.path.name}); "
-                             f"{self.remedy}") from None
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                os.close(fd)
+                raise InputError(f"{self.path.parent}: another run is writing to this run folder "
+                                 f"({self.path.name}); {self.remedy}") from None
         self.fd = fd
 
     def release(self) -> None:
@@ -179,20 +187,22 @@ class RunFolder:
     merged yet or not.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, shard: str | None = None):
         self.path = Path(path)
+        self.shard = shard  # "i-of-N": a job of a sharded run writes <kind>.shard-i-of-N.jsonl
 
     def results_file(self, kind: str, rank: int = 0) -> Path:
-        return self.path / (f"{kind}.jsonl" if rank == 0 else f"{kind}.rank{rank}.jsonl")
+        stem = kind if self.shard is None else f"{kind}.shard-{self.shard}"
+        return self.path / (f"{stem}.jsonl" if rank == 0 else f"{stem}.rank{rank}.jsonl")
 
     def append(self, kind: str, record: dict, rank: int = 0) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         append_line(self.results_file(kind, rank), record)
 
     def rows(self, kind: str) -> list[dict]:
-        """Every rank's result lines, checked: a line without image_id is named, not skipped."""
+        """Every rank's and shard's result lines, checked: a line without image_id is named, not skipped."""
         rows = []
-        for path in [self.results_file(kind), *sorted(self.path.glob(f"{kind}.rank*.jsonl"))]:
+        for path in [self.path / f"{kind}.jsonl", *self.part_files(kind)]:
             if not path.is_file():
                 continue
             found = read_jsonl(path)
@@ -216,8 +226,40 @@ class RunFolder:
                 self.append("failures", failure)
                 listed.add((failure["image_id"], failure["error"]))
 
+    def part_files(self, kind: str) -> list[Path]:
+        """The files ranks and shards write before a merge: <kind>.rank<r>.jsonl,
+        <kind>.shard-i-of-N.jsonl and <kind>.shard-i-of-N.rank<r>.jsonl."""
+        return sorted(self.path.glob(f"{kind}.rank*.jsonl")) + sorted(self.path.glob(f"{kind}.shard-*.jsonl"))
+
     def merge(self, kind: str, key=lambda row: row["image_id"]) -> None:
+        """Fold this run's (or this shard's) rank files into its results file."""
         merge_rank_files(self.results_file(kind), key)
+
+    def merge_shards(self, kind: str, key=lambda row: row["image_id"]) -> bool:
+        """Fold every shard's and rank's files into <kind>.jsonl, when no job holds any of the
+        folder's locks (run.lock, run.shard-*.lock): the last shard job to end, or `ph2p merge`.
+        Returns whether it merged (False: a job is still writing; it merges when it ends)."""
+        names = sorted({"run.lock", *(p.name for p in self.path.glob("run.shard-*.lock"))})
+        held = []
+        try:
+            for name in names:  # in one order, so two merging jobs cannot hold half each for long
+                lock = RunLock(self.path, name=name)
+                lock.acquire()
+                held.append(lock)
+        except InputError:
+            return False
+        else:
+            parts = self.part_files(kind)
+            if parts:
+                final = self.path / f"{kind}.jsonl"
+                rows = {key(r): r for path in [final, *parts] if path.is_file() for r in read_jsonl(path)}
+                write_text_atomic(final, "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
+                for path in parts:
+                    path.unlink()
+            return True
+        finally:
+            for lock in held:
+                lock.release()
 
     def image_file(self, folder: str, image_id: str, suffix: str) -> Path:
         """`<run>/<folder>/<file_name(image_id)><suffix>`, its folder made."""
@@ -225,14 +267,36 @@ class RunFolder:
         return self.path / folder / f"{file_name(image_id)}{suffix}"
 
     def lock(self, remedy: str | None = None) -> "RunLock":
+        """The folder's lock, or a shard job's own (run.shard-i-of-N.lock: the shards of one run
+        write side by side; a second job of the same shard is refused)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _write_error(self.path, e) from None
-        return RunLock(self.path, remedy)
+        if self.shard is None:
+            return RunLock(self.path, remedy)
+        return RunLock(self.path, remedy, name=f"run.shard-{self.shard}.lock", wait=30.0)  # a merge takes seconds
 
     def write_config(self, text: str) -> None:
         """config.yaml: the settings the folder's prompts are made with. Written by the run that holds
         the lock once it has images to invert, so a run refused by the lock, or a rerun with new
         settings that finds every image done, leaves the config of the prompts already there."""
         write_text_atomic(self.path / "config.yaml", text)
+
+
+def merge_run(run: str) -> None:
+    """Fold a sharded (or DDP) run's files into one prompts.jsonl: every shard's lines, one per
+    image. Refused, in one line, while a job of the run is still writing.
+
+    Args:
+        run: the run folder (trainer.default_root_dir of the shard jobs).
+    """
+    folder = RunFolder(run)
+    if not folder.path.is_dir():
+        raise InputError(f"{run}: no such run folder")
+    parts = folder.part_files("prompts")
+    if not folder.merge_shards("prompts"):
+        raise InputError(f"{run}: a job is still writing to this run folder (a run.*.lock is held); "
+                         "merge when it ends (the last shard job merges by itself)")
+    print(f"merged {len(parts)} files: {len(read_jsonl(folder.path / 'prompts.jsonl'))} prompts in "
+          f"{folder.path / 'prompts.jsonl'}" if parts else f"{folder.path}: nothing to merge")
