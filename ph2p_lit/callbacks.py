@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from safetensors.torch import save_file
 
 from .runs import RunFolder, append_line, file_name, read_jsonl, save_atomic
+from .terminal import one_line
 
 
 class PromptLogger(L.Callback):
@@ -123,6 +124,6 @@ class PromptProgressBar(TQDMProgressBar):
             first, last = sampler.images_at(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
             metrics["image"] = f"{first}/{sampler.n_images()}" if first == last else f"{first}-{last}/{sampler.n_images()}"
         if pl_module.image_ids:
-            metrics["prompt"] = pl_module.first_prompt()[:60]
+            metrics["prompt"] = one_line(pl_module.first_prompt())[:60]  # a model's tokens are text from outside
             metrics["unet/img"] = int(pl_module.unet_evals[: len(pl_module.image_ids)].float().mean())
         return metrics

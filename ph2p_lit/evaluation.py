@@ -32,6 +32,7 @@ from .reconstruction import load_lpips
 from .report import SETTINGS, grid_path, save_grid, write_report
 from .runs import append_line, read_jsonl, write_text_atomic
 from .similarity import ClipSimilarity, OracleSimilarity, load_offline
+from .terminal import one_line
 
 
 def content_word_scores(prompt: str, caption: str) -> dict[str, float]:
@@ -120,7 +121,8 @@ def evaluate(
                 target = to_pixels(image, backbone.resolution)[None].to(device)
         except (OSError, ValueError) as e:  # gone, moved or unreadable: measure the others, list it
             missing.append({"image_id": row["image_id"], "source": str(source), "error": f"{type(e).__name__}: {e}".splitlines()[0]})
-            tqdm.write(f"skipping {row['image_id']}: cannot read {source} (run evaluate from the folder the invert run ran in)")
+            tqdm.write(f"skipping {one_line(row['image_id'])}: cannot read {one_line(source)} "
+                       "(run evaluate from the folder the invert run ran in)")
             continue
         generated = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed).to(device)
         # The report shows (the first few of) the images that were measured, not another sample.

@@ -29,6 +29,7 @@ from .images import to_uint8
 from .inversion import _DTYPES
 from .npi import apply_edit, ddim_invert, reconstruct
 from .runs import RunFolder, save_atomic, write_text_atomic
+from .terminal import one_line
 
 LPIPS_WEIGHTS = {  # torchvision backbones lpips loads; offline they must already be in torch's hub cache
     "alex": "alexnet-owt-7be5be79.pth",
@@ -268,10 +269,11 @@ def print_reconstructions(run_dir: Path) -> None:
     rows = sorted(RunFolder(run_dir).rows("reconstructions"), key=lambda r: r["image_id"])
     if not rows:
         return
-    width = max(len(r["image_id"]) for r in rows)
+    names = [one_line(r["image_id"]) for r in rows]  # file names and prompts as they are safe to print
+    width = max(len(name) for name in names)
     print(f"\n{'image':<{width}}  {'PSNR dB':>7}  {'LPIPS':>6}  {'s/img':>6}  prompt")
-    for r in rows:
-        print(f"{r['image_id']:<{width}}  {r['psnr']:>7.2f}  {r['lpips']:>6.4f}  {r['seconds']:>6.2f}  {r['prompt']}")
+    for name, r in zip(names, rows):
+        print(f"{name:<{width}}  {r['psnr']:>7.2f}  {r['lpips']:>6.4f}  {r['seconds']:>6.2f}  {one_line(r['prompt'])}")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "lpips", "seconds")}
     print(f"{'mean':<{width}}  {mean['psnr']:>7.2f}  {mean['lpips']:>6.4f}  {mean['seconds']:>6.2f}  "
           f"({len(rows)} images, negative={rows[0]['negative']}, guidance {rows[0]['guidance']}, {rows[0]['steps']} steps; "
