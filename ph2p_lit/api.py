@@ -9,6 +9,7 @@ keyword sections on top), so a config, the CLI and this function give the same r
 """
 
 import copy
+import os
 from pathlib import Path
 
 import yaml
@@ -55,8 +56,8 @@ def invert(
     rows = RunFolder(folder).rows("prompts")
     if "root" in source:
         return sorted(rows, key=lambda row: row["image_id"])
-    by_source = {row.get("source"): row for row in rows}
-    return [by_source[str(p)] for p in paths if str(p) in by_source]
+    by_source = {row.get("source"): row for row in rows}  # invert writes each source as its absolute path
+    return [by_source[os.path.abspath(p)] for p in paths if os.path.abspath(p) in by_source]
 
 
 def reconstruct(
@@ -87,10 +88,27 @@ def _settings(config: str | None, run_dir, model: dict | None, data: dict | None
     """The config's settings with the call's on top, section by section."""
     settings = load_config(config)
     for section, values in (("model", model), ("data", data), ("trainer", trainer)):
-        settings.setdefault(section, {}).update(copy.deepcopy(values or {}))
+        settings[section] = merged(settings.get(section) or {}, values or {})
     if run_dir is not None:
         settings["trainer"]["default_root_dir"] = str(run_dir)
     return settings
+
+
+def merged(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, key by key at every depth, as `--model.refinement.budget 100`
+    changes one key of the config's refinement block and keeps the rest. A value that is not a
+    dict on both sides replaces (lists, None); so does a block naming another class_path, whose
+    init_args belong to a different class."""
+    result = copy.deepcopy(base)
+    for key, value in override.items():
+        old = result.get(key)
+        same_class = not (isinstance(old, dict) and isinstance(value, dict)) or \
+            value.get("class_path", old.get("class_path")) == old.get("class_path")
+        if isinstance(old, dict) and isinstance(value, dict) and same_class:
+            result[key] = merged(old, value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
 
 
 def load_config(config: str | None) -> dict:

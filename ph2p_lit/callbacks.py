@@ -12,13 +12,13 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from safetensors.torch import save_file
 
-from .runs import RunFolder, append_line, file_name, read_jsonl, save_atomic
+from .runs import RunFolder, append_line, file_name, save_atomic
 from .terminal import one_line
 
 
 class PromptLogger(L.Callback):
     """Every `every_n_steps`, project the soft prompts and append the hard prompts with their
-    current loss to `trace.jsonl` in the run folder (logger-independent, readable while running)."""
+    current loss and U-Net evaluations to `trace.rank<r>.jsonl` in the run folder (logger-independent, readable while running)."""
 
     def __init__(self, every_n_steps: int = 50):
         self.every_n_steps = every_n_steps
@@ -29,27 +29,19 @@ class PromptLogger(L.Callback):
         ids = pl_module.current_ids()
         run_dir = Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        for image_id, row, loss in zip(pl_module.image_ids, ids, outputs["losses"].tolist()):
+        evals = pl_module.unet_evals.tolist()
+        for image_id, row, loss, spent in zip(pl_module.image_ids, ids, outputs["losses"].tolist(), evals):
             record = {"image_id": image_id, "step": pl_module.step_in_batch, "loss": loss,
-                      "prompt": pl_module.vocab.decode(row.tolist())}
+                      "prompt": pl_module.vocab.decode(row.tolist()), "unet_evals": spent}
             append_line(run_dir / f"trace.rank{trainer.global_rank}.jsonl", record)
 
 
-class ResultsWriter(L.Callback):
-    """Write each finished image's line in `prompts.jsonl` (one file per rank while running,
-    merged at the end), its continuous prompt as a textual-inversion file in `embeddings/`, and
-    the images that could not be read in `failures.jsonl`; hold the run folder's lock.
+class RunFolderWriter(L.Callback):
+    """A callback that writes into the run folder (`self.run`) and holds its lock from set-up to
+    tear-down (rank 0), so a second run started on the same folder stops with one line instead of
+    doing every image again beside the first."""
 
-    The module adds this callback itself (configure_callbacks), so a trainer.callbacks list
-    without it still writes every result.
-
-    The embedding file is diffusers' format: `{"<token>": (L, D)}` for one text encoder,
-    `{"clip_l": ..., "clip_g": ...}` for SDXL's two; `pipe.load_textual_inversion(path)` adds the
-    token `<file name of the image>`, which then stands for the image's L soft vectors in a prompt.
-    """
-
-    def __init__(self):
-        self.lock = None  # taken in setup; an error before it has nothing to release
+    lock = None  # taken in setup; an error before it has nothing to release
 
     def setup(self, trainer, pl_module, stage):
         self.run = RunFolder(trainer.default_root_dir)
@@ -65,20 +57,28 @@ class ResultsWriter(L.Callback):
         if self.lock is not None:
             self.lock.release()  # a run that stops on an error frees its folder for the rerun
 
+
+class ResultsWriter(RunFolderWriter):
+    """Write each finished image's line in `prompts.jsonl` (one file per rank while running,
+    merged at the end), its continuous prompt as a textual-inversion file in `embeddings/`, and
+    the images that could not be read in `failures.jsonl`; hold the run folder's lock.
+
+    The module adds this callback itself (configure_callbacks), so a trainer.callbacks list
+    without it still writes every result.
+
+    The embedding file is diffusers' format: `{"<token>": (L, D)}` for one text encoder,
+    `{"clip_l": ..., "clip_g": ...}` for SDXL's two; `pipe.load_textual_inversion(path)` adds the
+    token `<file name of the image>`, which then stands for the image's L soft vectors in a prompt.
+    """
+
     def on_train_start(self, trainer, pl_module):
-        failures = getattr(trainer.datamodule, "failures", []) if trainer.datamodule else []
-        if trainer.is_global_zero:
-            path = self.run.path / "failures.jsonl"
-            listed = {(f.get("image_id"), f.get("error")) for f in read_jsonl(path)} if path.is_file() else set()
-            for failure in failures:  # a resumed run finds the same bad files again: list each once
-                if (failure["image_id"], failure["error"]) not in listed:
-                    append_line(path, failure)
-                    listed.add((failure["image_id"], failure["error"]))
+        if trainer.is_global_zero and trainer.datamodule:
+            self.run.add_failures(getattr(trainer.datamodule, "failures", []))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not outputs or not outputs["finished"]:
             return
-        keys = [k for k in ("source", "caption", "negative_source") if k in batch]
+        keys = [k for k in ("source", "source_root", "caption", "negative_source") if k in batch]
         by_id = {image_id: k for k, image_id in enumerate(batch["image_id"])}
         for j, record in enumerate(outputs["finished"]):
             k = by_id[record["image_id"]]

@@ -16,6 +16,8 @@ from .demo.caption_lm import train_caption_lm as train_caption_model
 from .demo.train import train_demo as train_demo_model
 from .errors import InputError
 from .evaluation import evaluate as evaluate_run
+from .export import export as export_prompts
+from .app import app as serve_app
 from .generate import generate_grids
 from .lightning_cli import (
     DESCRIPTIONS,
@@ -46,6 +48,10 @@ COMMANDS = {
                  function_command("generate", generate_grids)),
     "evaluate": ("measure a run's prompts: CLIP, LPIPS, BERTScore (and the demo world's oracle)",
                  function_command("evaluate", evaluate_run)),
+    "export": ("a run's prompts as caption files: a .txt per image, an imagefolder metadata.jsonl, or a CSV",
+               function_command("export", export_prompts)),
+    "app": ("a web page: drop images, watch their prompts being found, generate and edit (Gradio)",
+            function_command("app", serve_app)),
     "compose": ("compose concepts: invert A and B, join prompts, generate, invert again, add C (HTML)",
                 function_command("compose", compose_concepts)),
     "train-demo": ("train the demo model and its oracle on the procedural world",

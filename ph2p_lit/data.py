@@ -19,10 +19,11 @@ from .image_sets import (
     hub_images,
     model_resolution,
     pair_negatives,
+    prompted_items,
     readable,
 )
 from .images import MAX_PIXELS
-from .runs import RunFolder, read_jsonl
+from .runs import RunFolder
 
 
 class RunImages(L.LightningDataModule):
@@ -226,6 +227,10 @@ class PromptedImages(RunImages):
     Args:
         prompts: a prompts.jsonl from `ph2p invert`; each line names its image (`source`) and
             its recovered `prompt`; a line may add its own `edit` (it overrides model.edit).
+        source_root: with `prompts`, the folder its images are read from, and only from: a
+            relative `source` is taken from it, and an image moved with the folder is found under
+            it. None: each line's own `source_root` (the folder invert found it in), else the
+            prompts file's folder. Set it for a prompts file you did not write.
         prompt: instead, one text prompt for every image of `root` or `files`.
         root: with `prompt`, a folder of images (as ImageDataModule).
         files: with `prompt`, a list of image paths or a file listing them.
@@ -246,6 +251,7 @@ class PromptedImages(RunImages):
     def __init__(
         self,
         prompts: str | None = None,
+        source_root: str | None = None,
         prompt: str | None = None,
         root: str | None = None,
         files: list[str] | str | None = None,
@@ -267,6 +273,9 @@ class PromptedImages(RunImages):
             raise InputError("data.prompt: give the images too, as data.root (a folder) or data.files")
         if prompts is not None and (root is not None or files is not None):
             raise InputError("data.prompts names each line's image; leave out data.root and data.files")
+        if source_root is not None and (prompts is None or not Path(source_root).is_dir()):
+            raise InputError(f"data.source_root={source_root}: " + ("no such folder" if prompts is not None else
+                             "it says where data.prompts' images are; data.root and data.files name their own"))
         super().__init__()
         self.save_hyperparameters()
         self.failures: list[dict] = []
@@ -276,28 +285,22 @@ class PromptedImages(RunImages):
         if hp.prompt is not None:
             items, missing = file_items(hp.root, hp.files)
             items = [{**item, "prompt": hp.prompt, "edit": ""} for item in items]
+        elif not Path(hp.prompts).is_file():
+            raise InputError(f"data.prompts={hp.prompts}: no such file (give the prompts.jsonl of an invert run)")
         else:
-            items, missing = self.prompted_items(), []
+            items, missing = prompted_items(Path(hp.prompts), hp.source_root, "data.source_root")
         items, unreadable = readable(items[: hp.limit], hp.max_pixels)
         self.found(ImageFiles(items, self.resolution(), hp.max_pixels), missing + unreadable,
                    hp.prompts or hp.root or hp.files)
-
-    def prompted_items(self) -> list[dict]:
-        hp = self.hparams
-        path = Path(hp.prompts)
-        if not path.is_file():
-            raise InputError(f"data.prompts={hp.prompts}: no such file (give the prompts.jsonl of an invert run)")
-        items = []
-        for row in read_jsonl(path):
-            if not {"image_id", "source", "prompt"} <= row.keys():
-                raise InputError(f"data.prompts={hp.prompts}: every line needs image_id, source and prompt")
-            items.append({k: row.get(k, "") for k in ("image_id", "source", "caption", "prompt", "edit")})
-        return sorted(items, key=lambda item: item["image_id"])
 
     def item_key(self, i: int) -> tuple[str, str | None]:
         # Done means done with these settings: an edit, another negative or guidance is new work.
         item = self.images.items[i]
         return item["image_id"], self.trainer.lightning_module.settings_key(item.get("edit"))
+
+    def result_keys(self) -> set[tuple[str, str | None]]:
+        """(image id, settings key) of every result this run stands for, made now or before."""
+        return {self.item_key(i) for i in range(len(self.images))}
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(Subset(self.images, self.rank_indices()), batch_size=self.hparams.batch_size,

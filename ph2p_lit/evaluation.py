@@ -6,7 +6,9 @@ Per prompt, K images are generated; then
 - BERTScore precision / recall / F1 of the prompt against the caption, where there is one;
 - on the demo model: content-word precision / recall / F1 against the caption's attributes, and
   how often the oracle reads the caption's attributes in the generated images.
-Writes metrics.jsonl (per image) and metrics.json (means and every setting) next to the prompts.
+Writes metrics.jsonl (per image and settings, appended as each is done; other settings' lines are
+kept) and metrics.json (the means of these settings' lines, the settings and how many images) next to
+the prompts, holding the run folder's lock.
 """
 
 import hashlib
@@ -26,11 +28,12 @@ from .backbone import Backbone
 from .demo.world import CONTENT_ATTRIBUTES, attributes_in_text
 from .errors import InputError
 from .generate import generate
+from .image_sets import prompted_items
 from .images import to_pixels
 from .language_prior import LanguagePrior
 from .reconstruction import load_lpips
 from .report import SETTINGS, grid_path, save_grid, write_report
-from .runs import append_line, read_jsonl, write_text_atomic
+from .runs import RunFolder, append_line, read_jsonl, write_text_atomic
 from .similarity import ClipSimilarity, OracleSimilarity, load_offline
 from .terminal import one_line
 
@@ -49,6 +52,7 @@ def content_word_scores(prompt: str, caption: str) -> dict[str, float]:
 
 def evaluate(
     prompts: str | None = None,
+    source_root: str | None = None,
     model: str = "demo",
     images_per_prompt: int = 4,
     steps: int = 50,
@@ -70,6 +74,9 @@ def evaluate(
 
     Args:
         prompts: the run's prompts.jsonl; metrics.jsonl and metrics.json go beside it.
+        source_root: the folder the prompts' images are read from, and only from (as
+            reconstruct's data.source_root); None: each line's own source_root, else the prompts
+            file's folder. Set it for a prompts file you did not write.
         model: the model that generates (the one the prompts were recovered with).
         images_per_prompt: K images generated per prompt, seeds seed .. seed + K - 1.
         steps: DDIM steps of the generation.
@@ -88,61 +95,78 @@ def evaluate(
     """
     if not prompts or not Path(prompts).is_file():
         raise InputError(f"prompts={prompts}: give an invert run's prompts.jsonl")
-    rows = sorted(read_jsonl(prompts), key=lambda r: r["image_id"])
-    if not rows:
+    if source_root is not None and not Path(source_root).is_dir():
+        raise InputError(f"source_root={source_root}: no such folder")
+    items, missing = prompted_items(Path(prompts), source_root, "source_root")
+    if not items and not missing:
         raise InputError(f"prompts={prompts}: no prompts in it yet; let the invert run finish an image first")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    demo = model == "demo" if demo_measures is None else demo_measures
-    settings = {"model": model, "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
-                "seed": seed, "clip_model": clip_model, "bert_model": bert_model, "bert_layers": bert_layers,
-                "lpips": lpips_net + ("" if lpips_backbone == "pretrained" else ", random backbone"),
-                "demo_measures": demo, "language_model": language_model}
-    measures = _Measures(settings, lpips_net, lpips_backbone, device, local_files_only)
-    prior = LanguagePrior.from_pretrained(language_model, device, local_files_only) if language_model else None
-    backbone = Backbone.from_pretrained(model, device=device, local_files_only=local_files_only)
-
-    # metrics.jsonl is appended to as each image is done; a rerun with the same settings keeps
-    # those lines and goes on with the rest (a run that dies loses at most one image's work).
     out_dir = Path(prompts).parent
-    per_image = out_dir / "metrics.jsonl"
-    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    done = {r["image_id"]: r for r in read_jsonl(per_image) if r.get("settings") == key} if per_image.is_file() else {}
-    kept = [done[r["image_id"]] for r in rows if r["image_id"] in done and done[r["image_id"]]["prompt"] == r["prompt"]]
-    write_text_atomic(per_image, "".join(json.dumps(r) + "\n" for r in kept))
-    records = {r["image_id"]: r for r in kept}
-    shown = min(images_per_prompt, 3)
-    missing = []
-    for row in tqdm(rows, desc="evaluate", unit="image"):  # generation and measures: minutes on a CPU
-        if row["image_id"] in records:
-            continue
-        source = Path(row.get("source", ""))
-        try:
-            with Image.open(source) as image:
-                target = to_pixels(image, backbone.resolution)[None].to(device)
-        except (OSError, ValueError) as e:  # gone, moved or unreadable: measure the others, list it
-            missing.append({"image_id": row["image_id"], "source": str(source), "error": f"{type(e).__name__}: {e}".splitlines()[0]})
-            tqdm.write(f"skipping {one_line(row['image_id'])}: cannot read {one_line(source)} "
-                       "(run evaluate from the folder the invert run ran in)")
-            continue
-        generated = generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed).to(device)
-        # The report shows (the first few of) the images that were measured, not another sample.
-        save_grid(grid_path(out_dir, row, shown, steps, guidance, seed), generated[:shown])
-        record = {"image_id": row["image_id"], "prompt": row["prompt"], "settings": key}
-        record.update(measures(target, generated, row["prompt"], row.get("caption", "")))
-        if prior is not None:
-            record["prompt_perplexity"] = float(prior.perplexity([row["prompt"]])[0])
-        append_line(per_image, record)
-        records[row["image_id"]] = record
+    # The run folder's lock (invert's, reconstruct's), taken before any model loads: a busy folder is said at once.
+    with RunFolder(out_dir).lock(remedy="wait for it to finish, then evaluate"):
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        demo = model == "demo" if demo_measures is None else demo_measures
+        settings = {"model": model, "images_per_prompt": images_per_prompt, "steps": steps, "guidance": guidance,
+                    "seed": seed, "clip_model": clip_model, "bert_model": bert_model, "bert_layers": bert_layers,
+                    "lpips": lpips_net + ("" if lpips_backbone == "pretrained" else ", random backbone"),
+                    "demo_measures": demo, "language_model": language_model}
+        measures = _Measures(settings, lpips_net, lpips_backbone, device, local_files_only)
+        prior = LanguagePrior.from_pretrained(language_model, device, local_files_only) if language_model else None
+        backbone = Backbone.from_pretrained(model, device=device, local_files_only=local_files_only)
+        key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        shown, listed = min(images_per_prompt, 3), len(items) + len(missing)
+        records = _measure(out_dir, items, missing, key, measures, prior, backbone, images_per_prompt, steps,
+                           guidance, seed)
 
-    names = [k for r in records.values() for k in r if k not in ("image_id", "prompt", "settings")]
-    means = {k: float(np.mean([r[k] for r in records.values() if k in r])) for k in dict.fromkeys(names)}
-    summary = {"images": len(records), "means": means, "settings": settings, "missing": missing}
-    write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
-    measured = {k: {m: v for m, v in r.items() if m not in ("image_id", "prompt", "settings")} for k, r in records.items()}
-    report = write_report(out_dir, backbone, _run_settings(out_dir), shown, steps, guidance, seed, measured)
+        names = [k for r in records.values() for k in r if k not in ("image_id", "prompt", "settings")]
+        means = {k: float(np.mean([r[k] for r in records.values() if k in r])) for k in dict.fromkeys(names)}
+        # metrics.json says what it covers: these settings (and their key in metrics.jsonl) and how
+        # many of the file's images; written whole at the end, so a killed run leaves the last one.
+        summary = {"images": len(records), "of_images": listed, "settings_key": key, "settings": settings,
+                   "means": means, "missing": missing}
+        write_text_atomic(out_dir / "metrics.json", json.dumps(summary, indent=2))
+        measured = {k: {m: v for m, v in r.items() if m not in ("image_id", "prompt", "settings")}
+                    for k, r in records.items()}
+        report = write_report(out_dir, backbone, _run_settings(out_dir), shown, steps, guidance, seed, measured,
+                              source_root)
     _print(summary, out_dir)
     print(f"report with these measures: {report}")
     return summary
+
+
+def _measure(out_dir: Path, items: list[dict], missing: list[dict], key: str, measures, prior, backbone,
+             images_per_prompt: int, steps: int, guidance: float, seed: int) -> dict[str, dict]:
+    """image id -> its measures under these settings (`key`): those in metrics.jsonl already, the
+    others measured now and appended as each is done (a run that dies loses at most one image's
+    work). Lines of other settings or of an earlier prompt are kept: going back to them measures
+    nothing again. An image that does not decode is added to `missing`."""
+    per_image = out_dir / "metrics.jsonl"
+    prompt_of = {item["image_id"]: item["prompt"] for item in items}
+    records = {r["image_id"]: r for r in (read_jsonl(per_image) if per_image.is_file() else [])
+               if r.get("settings") == key and r.get("image_id") in prompt_of and r.get("prompt") == prompt_of[r["image_id"]]}
+    shown = min(images_per_prompt, 3)
+    for failure in missing:
+        tqdm.write(f"skipping {one_line(failure['image_id'])}: {one_line(failure['error'])}")
+    for item in tqdm(items, desc="evaluate", unit="image"):  # generation and measures: minutes on a CPU
+        if item["image_id"] in records:
+            continue
+        try:
+            with Image.open(item["source"]) as image:
+                target = to_pixels(image, backbone.resolution)[None].to(backbone.device)
+        except (OSError, ValueError) as e:  # unreadable: measure the others, list it
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            missing.append({"image_id": item["image_id"], "source": item["source"], "error": reason})
+            tqdm.write(f"skipping {one_line(item['image_id'])}: {one_line(reason)}")
+            continue
+        generated = generate(backbone, [item["prompt"]] * images_per_prompt, steps, guidance, seed).to(backbone.device)
+        # The report shows (the first few of) the images that were measured, not another sample.
+        save_grid(grid_path(out_dir, item, shown, steps, guidance, seed), generated[:shown])
+        record = {"image_id": item["image_id"], "prompt": item["prompt"], "settings": key}
+        record.update(measures(target, generated, item["prompt"], item["caption"]))
+        if prior is not None:
+            record["prompt_perplexity"] = float(prior.perplexity([item["prompt"]])[0])
+        append_line(per_image, record)
+        records[item["image_id"]] = record
+    return records
 
 
 def _run_settings(run_dir: Path) -> dict:

@@ -1,7 +1,13 @@
 """Which images a run has, as datasets: one way to find them (a folder, a file list, a Hugging
-Face dataset), their captions and negatives, the files that do not open set aside as failures,
-and a dataset that decodes each image once per batch."""
+Face dataset, a prompts file), their captions and negatives, the files that do not open set aside
+as failures, and a dataset that decodes each image once per batch.
 
+Every item names its image file as `source` (absolute, so a result line written from it is found
+from any folder) and `source_root`, the folder holding the files it names; a prompts file's images
+are read back only inside a root (`source_file`), as the file may come from someone else.
+"""
+
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -80,6 +86,7 @@ class HFImages(DecodedOnce):
         self.dataset, self.image_column, self.caption_column = dataset, image_column, caption_column
         self.name, self.resolution = name, resolution
         self.ids, self.sources = self._names()
+        self.source_root = common_folder(self.sources) if self.sources and Path(self.sources[0]).is_absolute() else None
 
     def _names(self) -> tuple[list[str], list[str]]:
         """Each image's file where the dataset keeps one (an imagefolder does): its name is the id
@@ -96,18 +103,19 @@ class HFImages(DecodedOnce):
         if all(p and Path(p).is_file() for p in paths):
             names = [Path(p).name for p in paths]
             ids = names if len(set(names)) == len(names) else [Path(p).as_posix() for p in paths]
-            return ids, [str(p) for p in paths]
+            return ids, [os.path.abspath(p) for p in paths]
         return [f"{i:06d}" for i in rows], [f"{self.name}[{i}]" for i in rows]
 
     def load(self, i: int) -> dict:
         row = self.dataset[i]
         caption = row.get(self.caption_column) if self.caption_column else None
-        return {
+        item = {
             "image_id": self.ids[i],
             "source": self.sources[i],
             "caption": "" if caption is None else str(caption),  # a column of numbers: their text
             "pixels": to_pixels(row[self.image_column], self.resolution),
         }
+        return item if self.source_root is None else {**item, "source_root": self.source_root}
 
 
 def file_items(root: str | None, files: list[str] | str | None) -> tuple[list[dict], list[dict]]:
@@ -130,12 +138,13 @@ def file_items(root: str | None, files: list[str] | str | None) -> tuple[list[di
         paths, folder, captions = [Path(f) for f in files], None, {}
         for parent in {path.parent for path in paths}:  # each listed file's folder's metadata.jsonl
             captions |= {(parent / name).as_posix(): text for name, text in read_captions(parent).items()}
+    source_root = os.path.abspath(folder) if folder else common_folder(paths)
     items = []
     for path in paths:
         rel = path.relative_to(folder).as_posix() if folder else path.as_posix()
         beside = path.with_suffix(".txt")
         caption = captions.get(rel) or (read_text(beside).strip() if beside.is_file() else "")
-        items.append({"image_id": rel, "source": str(path), "caption": caption})
+        items.append({"image_id": rel, "source": os.path.abspath(path), "source_root": source_root, "caption": caption})
     return each_file_once(items), failures
 
 
@@ -143,18 +152,23 @@ def each_file_once(items: list[dict]) -> list[dict]:
     """The items with each file once, under the first name it was listed by: `a.png`, `./a.png`,
     its absolute path or a link to it would otherwise be two results for one image (or two with
     one image id)."""
-    kept, first_name, repeated = [], {}, []
+    kept, first_id, repeated = [], {}, []
     for item in items:
         real = os.path.realpath(item["source"])
-        if real in first_name:
-            repeated.append((item["source"], first_name[real]))
+        if real in first_id:
+            repeated.append((item["image_id"], first_id[real]))
             continue
-        first_name[real] = item["source"]
+        first_id[real] = item["image_id"]
         kept.append(item)
     if repeated:
         log.warning("data: %d listed image(s) repeat a file listed before (first: %s is %s); each file is used "
                     "once, under the first name it is listed by", len(repeated), *map(one_line, repeated[0]))
     return kept
+
+
+def common_folder(paths) -> str:
+    """The deepest folder holding every one of these files (absolute): a line's `source_root`."""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
 
 
 def pair_negatives(items: list[dict], negatives: Path) -> list[dict]:
@@ -170,7 +184,8 @@ def pair_negatives(items: list[dict], negatives: Path) -> list[dict]:
         if path is None or not path.is_file():
             raise InputError(f"data.negatives={negatives}: no negative image for {item['image_id']}"
                              + (f" (expected {path})" if path else ""))
-        item["negative_source"] = str(path)
+        item["negative_source"] = os.path.abspath(path)
+        item["source_root"] = os.path.commonpath([item["source_root"], os.path.dirname(item["negative_source"])])
     return items
 
 
@@ -241,3 +256,93 @@ def model_resolution(model: str, local_files_only: bool) -> int:
                          f"({str(e).strip().splitlines()[0][:150] if str(e).strip() else type(e).__name__}); "
                          f"download it first (`hf download {model}`) or give a local folder") from None
     return int(config["sample_size"])
+
+
+# A prompts file's lines: what each key must be, and whether a line must have it.
+PROMPT_LINE_KEYS = {"image_id": True, "prompt": True, "source": False, "source_root": False, "caption": False,
+                    "edit": False}
+
+
+def prompted_items(prompts: Path, source_root: str | None, option: str) -> tuple[list[dict], list[dict]]:
+    """(items, failures) of a prompts.jsonl (an invert run's, or one written by hand or by someone
+    else): one item per image id (a later line wins), image_id, source (found by `source_file`),
+    caption, prompt and edit, sorted by id. A line that is not a result line stops here with one
+    line naming the file, the line and the key; an image that is not found (gone, not a regular
+    file, outside the root) is a failure with the reason, and the others go on. `option` is the
+    setting that states the root (data.source_root, --source_root), named in the reasons."""
+    rows = {}
+    for number, row in _numbered_lines(prompts):
+        _check_prompt_line(prompts, number, row)
+        rows[row["image_id"]] = row
+    items, failures = [], []
+    for image_id in sorted(rows):
+        row = rows[image_id]
+        path, why = source_file(row, source_root, prompts.parent, option)
+        if path is None:
+            failures.append({"image_id": image_id, "source": row.get("source") or "", "error": why})
+            log.warning("skipping %s: %s", one_line(image_id), one_line(why))
+            continue
+        items.append({"image_id": image_id, "source": str(path), "caption": row.get("caption") or "",
+                      "prompt": row["prompt"], "edit": row.get("edit") or ""})
+    return items, failures
+
+
+def _numbered_lines(path: Path):
+    """(line number, parsed JSON) of each non-blank line; a last line without its newline that is
+    not JSON is a line still being written (or torn by a crash) and is left out."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); give a prompts.jsonl of `ph2p invert`") from None
+    lines = text.split("\n")  # not splitlines(): a JSON string may hold U+2028 and the like
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                return
+            raise InputError(f"{path}: line {number} is not JSON ({e.msg}); fix or delete it") from None
+
+
+def _check_prompt_line(path: Path, number: int, row) -> None:
+    where = f"{path}: line {number}"
+    if not isinstance(row, dict):
+        raise InputError(f"{where} is not a JSON object; each line is one image's result: fix or delete it")
+    for key, required in PROMPT_LINE_KEYS.items():
+        value = row.get(key)
+        if value is None and not required:
+            continue
+        if not isinstance(value, str) or "\x00" in value or (key == "image_id" and not value):
+            found = "missing" if key not in row else json.dumps(value)[:60]
+            kind = "a non-empty text" if key == "image_id" else "a text"
+            raise InputError(f"{where}: {key} is {found}; it must be {kind} without NUL: fix or delete the line")
+
+
+def source_file(row: dict, stated_root: str | None, default_root: Path, option: str,
+                key: str = "source") -> tuple[Path | None, str]:
+    """Where a result line's image (`key`: source or negative_source) is, read only inside a root.
+
+    The line's path is taken from its own source_root (invert writes the folder it found the
+    images in; a relative path is relative to it), else from the root the user states (`option`),
+    else from `default_root` (the prompts file's folder). It is read only inside the stated root,
+    else inside that same folder; with a stated root, a file under the line's source_root but
+    outside the stated one is looked for at the same place under it (the images moved). Paths are
+    compared as written: a link inside the root is followed, as when the images were found.
+    Returns (the file, "") or (None, why not)."""
+    value, recorded = row.get(key), row.get("source_root")
+    recorded = os.path.abspath(recorded) if isinstance(recorded, str) and recorded and "\x00" not in recorded else None
+    if not isinstance(value, str) or not value or "\x00" in value:
+        return None, f"the line names no {key} file"
+    base = recorded or os.path.abspath(stated_root or default_root)
+    root = Path(os.path.abspath(stated_root) if stated_root else base)
+    path = Path(os.path.normpath(Path(base) / value))  # an absolute value stays as it is
+    if not path.is_relative_to(root) and stated_root and recorded and path.is_relative_to(recorded):
+        path = root / path.relative_to(recorded)
+    if not path.is_relative_to(root):
+        return None, (f"{value} is outside {root}, the folder this line's images are read from; if you trust "
+                      f"this prompts file, set {option} to a folder that holds it")
+    if not path.is_file():
+        return None, f"{path}: " + ("not a regular file" if path.exists() else "no such file")
+    return path, ""

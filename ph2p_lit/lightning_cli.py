@@ -237,5 +237,4 @@ def run_reconstruction(args: list[str] | dict) -> tuple[Path, set[tuple[str, str
                             parser_kwargs=parser_settings("reconstruct"), auto_configure_optimizers=False,
                             seed_everything_default=False)
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
-    data = cli.datamodule
-    return Path(cli.trainer.default_root_dir), {data.item_key(i) for i in range(len(data.images))}
+    return Path(cli.trainer.default_root_dir), cli.datamodule.result_keys()

@@ -63,13 +63,6 @@ class BatchedLBFGS(torch.optim.Optimizer):
                                        max_step=max_step))
         self._param = param
 
-    def reset_rows(self, rows: torch.Tensor | list[int]) -> None:
-        """Forget the history of these rows (a new image takes their place)."""
-        state = self.state[self._param]
-        if "count" in state:
-            state["count"][rows] = 0
-            state["n_iter"][rows] = 0
-
     def _init_state(self, B: int, N: int, device, dtype) -> dict:
         H = self.param_groups[0]["history_size"]
         state = self.state[self._param]

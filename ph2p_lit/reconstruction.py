@@ -23,6 +23,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .attention import heat_grid, prompt_tokens, token_attention
 from .backbone import Backbone
+from .callbacks import RunFolderWriter
 from .errors import InputError
 from .generate import strength_steps
 from .images import to_uint8
@@ -171,9 +172,10 @@ class Reconstruction(L.LightningModule):
         psnr = peak_signal_noise_ratio((images + 1) / 2, (targets.float() + 1) / 2, data_range=1.0,
                                        reduction="none", dim=(1, 2, 3))
         lpips = self.lpips_distance(images, targets.float())
-        records = [
-            {"image_id": i, "source_prompt": p, "prompt": q, "edit": e or "", "negative": hp.negative,
-             "guidance": hp.guidance, "steps": hp.steps, "strength": hp.strength, "settings": self.settings_key(e),
+        records = [  # edit_applied: the edit changed the prompt (a substitution may match no word of it)
+            {"image_id": i, "source_prompt": p, "prompt": q, "edit": e or "", "edit_applied": q != p,
+             "negative": hp.negative, "guidance": hp.guidance, "steps": hp.steps, "strength": hp.strength,
+             "settings": self.settings_key(e),
              "cached_inversion": self.cache_hit, "psnr": round(float(s), 3), "lpips": round(float(d), 4),
              "lpips_net": self.lpips_name, "seconds": round(seconds, 3)}
             for i, p, q, e, s, d in zip(batch["image_id"], batch["prompt"], prompts, edits, psnr, lpips)
@@ -197,19 +199,24 @@ class Reconstruction(L.LightningModule):
         return {"tokens": [t for _, t in tokens], "maps": maps[[p for p, _ in tokens]]}
 
 
-class ReconstructionWriter(BasePredictionWriter):
+class ReconstructionWriter(BasePredictionWriter, RunFolderWriter):
     """Per image: images/<id>.<settings>.png (the result; one file per edit or negative, so runs
     with other settings in one folder keep theirs), targets/<id>.png (the image as the model saw
     it), a line in reconstructions.jsonl naming both and, with attention maps,
-    attention/<id>.<settings>.png + .npz. At the end: the table and reconstruct.html."""
+    attention/<id>.<settings>.png + .npz; the images that could not be read in failures.jsonl.
+    At the end: the table of this run's settings and reconstruct.html. Holds the run folder's lock."""
 
     def __init__(self):
         super().__init__(write_interval="batch")
 
     def setup(self, trainer, pl_module, stage):
-        self.run = RunFolder(trainer.default_root_dir)
+        BasePredictionWriter.setup(self, trainer, pl_module, stage)  # neither calls the other's
+        RunFolderWriter.setup(self, trainer, pl_module, stage)
         self.run_dir = self.run.path
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_predict_start(self, trainer, pl_module):
+        if trainer.is_global_zero and trainer.datamodule:
+            self.run.add_failures(getattr(trainer.datamodule, "failures", []))
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         for k, record in enumerate(prediction["records"]):
@@ -234,7 +241,8 @@ class ReconstructionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             # One line per image and setting, every rank's, in reconstructions.jsonl.
             self.run.merge("reconstructions", key=lambda r: (r["image_id"], r.get("settings", "")))
-            print_reconstructions(self.run_dir)
+            data = trainer.datamodule
+            print_reconstructions(self.run_dir, data.result_keys() if hasattr(data, "result_keys") else None)
             page = write_reconstruct_page(self.run_dir)
             if page:
                 print(f"page: {page}")
@@ -264,18 +272,34 @@ def write_reconstruct_page(run_dir: Path) -> Path | None:
     return page
 
 
-def print_reconstructions(run_dir: Path) -> None:
-    """Per-image PSNR / LPIPS table and the mean, from every rank's reconstructions*.jsonl."""
-    rows = sorted(RunFolder(run_dir).rows("reconstructions"), key=lambda r: r["image_id"])
+def print_reconstructions(run_dir: Path, keys: set[tuple[str, str]] | None = None) -> None:
+    """Per-image PSNR / LPIPS of this run's results (`keys`: their (image id, settings); None: all
+    in the folder), from every rank's reconstructions*.jsonl; each setting's rows, then their mean
+    and what the setting was, so a folder holding NPI, an edit and the baseline never mixes them.
+    An edit that left a prompt as it was (no word matched) is said in one line."""
+    rows = {(r["image_id"], r.get("settings")): r for r in RunFolder(run_dir).rows("reconstructions")}
+    rows = [r for k, r in sorted(rows.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))) if keys is None or k in keys]
     if not rows:
         return
-    names = [one_line(r["image_id"]) for r in rows]  # file names and prompts as they are safe to print
-    width = max(len(name) for name in names)
+    width = max(len(one_line(r["image_id"])) for r in rows + [{"image_id": "image"}])
     print(f"\n{'image':<{width}}  {'PSNR dB':>7}  {'LPIPS':>6}  {'s/img':>6}  prompt")
-    for name, r in zip(names, rows):
-        print(f"{name:<{width}}  {r['psnr']:>7.2f}  {r['lpips']:>6.4f}  {r['seconds']:>6.2f}  {one_line(r['prompt'])}")
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "lpips", "seconds")}
-    print(f"{'mean':<{width}}  {mean['psnr']:>7.2f}  {mean['lpips']:>6.4f}  {mean['seconds']:>6.2f}  "
-          f"({len(rows)} images, negative={rows[0]['negative']}, guidance {rows[0]['guidance']}, {rows[0]['steps']} steps; "
-          f"LPIPS: {rows[0].get('lpips_net', 'alex')})")
+    for settings in dict.fromkeys(r.get("settings") for r in rows):
+        group = [r for r in rows if r.get("settings") == settings]
+        for r in group:  # file names, prompts and edits as they are safe to print
+            print(f"{one_line(r['image_id']):<{width}}  {r['psnr']:>7.2f}  {r['lpips']:>6.4f}  {r['seconds']:>6.2f}  "
+                  f"{one_line(r['prompt'])}")
+        mean = {k: float(np.mean([r[k] for r in group])) for k in ("psnr", "lpips", "seconds")}
+        print(f"{'mean':<{width}}  {mean['psnr']:>7.2f}  {mean['lpips']:>6.4f}  {mean['seconds']:>6.2f}  "
+              f"({len(group)} images; {_settings_text(group[0])})")
+    unchanged = [r["image_id"] for r in rows if r.get("edit") and r.get("edit_applied") is False]
+    if unchanged:
+        named = ", ".join(map(one_line, unchanged[:3])) + (", ..." if len(unchanged) > 3 else "")
+        print(f"warning: the edit matched no word in {len(unchanged)} of {sum(bool(r.get('edit')) for r in rows)} "
+              f"prompts ({named}); those images are reconstructions, edit_applied: false in reconstructions.jsonl")
     print(f"results in {run_dir / 'reconstructions.jsonl'}")
+
+
+def _settings_text(row: dict) -> str:
+    edit = f", edit {one_line(row['edit'])}" if row.get("edit") else ""
+    return (f"negative={row['negative']}, guidance {row['guidance']}, {row['steps']} steps, strength "
+            f"{row.get('strength', 1.0)}{edit}; LPIPS: {row.get('lpips_net', 'alex')}")

@@ -1,6 +1,7 @@
 """HTMLReport: one static page per inversion run: target, recovered prompt, images generated from
 it, losses, cost and measures with their means. Up to EMBED_UP_TO images are embedded, so the page
-opens offline and can be mailed; a bigger run's page links thumbnails kept beside it."""
+opens offline and can be mailed; a bigger run's page links thumbnails kept beside it, each made
+again only when its image changed. A line's images are read inside its root (image_sets.source_file)."""
 
 import hashlib
 import html
@@ -12,6 +13,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from .generate import generate
+from .image_sets import source_file
 from .images import data_uri, image_grid, to_pil, to_rgb
 from .runs import RunFolder, file_name, read_jsonl, save_atomic, write_text_atomic
 
@@ -42,13 +44,16 @@ SETTINGS = ("model", "prompt_length", "optimizer", "lr", "steps", "t_min", "t_ma
 
 
 def write_report(run_dir: Path, backbone, settings: dict, images_per_prompt: int = 3, steps: int = 50,
-                 guidance: float = 7.5, seed: int = 0, metrics: dict[str, dict] | None = None) -> Path:
-    """report.html from the run's prompts (every rank's); `metrics` (image_id -> measures) adds columns."""
+                 guidance: float = 7.5, seed: int = 0, metrics: dict[str, dict] | None = None,
+                 source_root: str | None = None) -> Path:
+    """report.html from the run's prompts (every rank's); `metrics` (image_id -> measures) adds columns.
+    `source_root`: the folder the lines' images are read from (None: each line's own)."""
     rows = sorted(RunFolder(run_dir).rows("prompts"), key=lambda r: r["image_id"])
-    cells = [_cell(backbone, run_dir, r, images_per_prompt, steps, guidance, seed)
+    embed = len(rows) <= EMBED_UP_TO
+    cells = [_cell(backbone, run_dir, r, images_per_prompt, steps, guidance, seed, embed, source_root)
              for r in tqdm(rows, desc="report", unit="prompt")]  # generates each prompt's images
     page = run_dir / "report.html"
-    write_text_atomic(page, _page(run_dir, cells, settings, metrics or {}))
+    write_text_atomic(page, _page(run_dir, cells, settings, metrics or {}, embed))
     return page
 
 
@@ -71,36 +76,52 @@ EMBED_UP_TO = 50  # images; past this the page links thumbnails beside it instea
 LOWER_IS_BETTER = ("lpips", "perplexity", "loss", "junk")
 
 
-def _cell(backbone, run_dir: Path, row: dict, images_per_prompt: int, steps: int, guidance: float, seed: int) -> dict:
-    side = backbone.resolution
-    targets = {}
-    for key in ("source", "negative_source"):
-        if Path(row.get(key) or "").is_file():
-            with Image.open(row[key]) as image:  # centre-cropped, as the model sees it (not squashed)
-                targets[key] = ImageOps.fit(to_rgb(image), (side, side), method=Image.Resampling.BICUBIC)
+def _cell(backbone, run_dir: Path, row: dict, images_per_prompt: int, steps: int, guidance: float, seed: int,
+          embed: bool, source_root: str | None) -> dict:
+    targets = {key: _target(run_dir, row, key, backbone.resolution, embed, source_root)
+               for key in ("source", "negative_source")}
     grid = None
     if images_per_prompt:
         path = grid_path(run_dir, row, images_per_prompt, steps, guidance, seed)
         if not path.is_file():
             save_grid(path, generate(backbone, [row["prompt"]] * images_per_prompt, steps, guidance, seed))
         grid = path
-    return {"row": row, "target": targets.get("source"), "negative": targets.get("negative_source"), "grid": grid}
+    return {"row": row, "target": targets["source"], "negative": targets["negative_source"], "grid": grid}
 
 
-def _img(image: Image.Image | Path | None, run_dir: Path, name: str, embed: bool) -> str:
+def _target(run_dir: Path, row: dict, key: str, side: int, embed: bool, source_root: str | None):
+    """A line's image (`key`), centre-cropped as the model sees it (not squashed), 128 px: the
+    image to embed, or for a big run its thumbnail's path beside the page, made only when missing or
+    older than the image (a rerun of 100,000 rows reads none of them again). None: not found."""
+    path, _ = source_file(row, source_root, run_dir, "source_root", key)
+    if path is None:
+        return None
+    thumbnail = run_dir / "report" / "targets" / f"{file_name(row['image_id'] + _SUFFIX[key])}.png"
+    if not embed and thumbnail.is_file() and thumbnail.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+        return thumbnail
+    with Image.open(path) as image:
+        fitted = ImageOps.fit(to_rgb(image), (side, side), method=Image.Resampling.BICUBIC)
+    fitted = fitted.resize((128, 128), Image.Resampling.NEAREST)
+    if embed:
+        return fitted
+    thumbnail.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(thumbnail, fitted.save)
+    return thumbnail
+
+
+_SUFFIX = {"source": "", "negative_source": ".negative"}  # a target's and its negative's thumbnails apart
+
+
+def _img(image: Image.Image | Path | None, run_dir: Path, embed: bool) -> str:
     """An <img>: embedded (the page opens alone, can be mailed) or, for big runs, a file beside it."""
     if image is None:
         return ""
     if isinstance(image, Path):
-        src = data_uri(Image.open(image)) if embed else image.relative_to(run_dir).as_posix()
-        return f'<img src="{html.escape(src)}">'
-    image = image.resize((128, 128), Image.Resampling.NEAREST)
-    if embed:
-        return f'<img src="{data_uri(image)}">'
-    path = run_dir / "report" / "targets" / f"{file_name(name)}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(path, image.save)
-    return f'<img src="{html.escape(path.relative_to(run_dir).as_posix())}">'
+        if not embed:
+            return f'<img src="{html.escape(image.relative_to(run_dir).as_posix())}">'
+        with Image.open(image) as opened:
+            image = opened.copy()
+    return f'<img src="{data_uri(image)}">'
 
 
 def _direction(measure: str) -> str:
@@ -129,11 +150,10 @@ def _summary(run_dir: Path, cells: list[dict], metrics: dict[str, dict]) -> str:
             + (f"<details><summary>the whole config</summary><pre>{html.escape(config)}</pre></details>" if config else ""))
 
 
-def _page(run_dir: Path, cells: list[dict], settings: dict, metrics: dict[str, dict]) -> str:
+def _page(run_dir: Path, cells: list[dict], settings: dict, metrics: dict[str, dict], embed: bool) -> str:
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;"
              "padding:6px;text-align:left;vertical-align:middle}img{image-rendering:pixelated;height:128px;margin:2px}"
              "code{font-size:14px}.measures{font-size:13px;white-space:nowrap}table.means td{padding:2px 10px}")
-    embed = len(cells) <= EMBED_UP_TO
     negatives = any(c["negative"] for c in cells)
     head = (f"<tr><th>image</th><th>{'target, negative' if negatives else 'target'}</th><th>recovered prompt</th>"
             "<th>generated from it</th><th>caption</th><th>best loss</th><th>U-Net evals</th>"
@@ -141,13 +161,13 @@ def _page(run_dir: Path, cells: list[dict], settings: dict, metrics: dict[str, d
     lines = []
     for c in cells:
         r = c["row"]
-        images = _img(c["target"], run_dir, r["image_id"], embed) + _img(c["negative"], run_dir, r["image_id"] + ".negative", embed)
+        images = _img(c["target"], run_dir, embed) + _img(c["negative"], run_dir, embed)
         loss = r.get("best_loss", r.get("final_loss"))
         loss = "" if loss is None else f"{loss:.4f}"
         measured = "<br>".join(f"{html.escape(k)} {v:.3f}" for k, v in metrics.get(r["image_id"], {}).items())
         lines.append(
             f"<tr><td>{html.escape(r['image_id'])}</td><td>{images}</td><td><code>{html.escape(r['prompt'])}</code></td>"
-            f"<td>{_img(c['grid'], run_dir, r['image_id'], embed)}</td><td>{html.escape(r.get('caption', ''))}</td>"
+            f"<td>{_img(c['grid'], run_dir, embed)}</td><td>{html.escape(r.get('caption', ''))}</td>"
             f"<td>{loss}</td><td>{r.get('unet_evals', '')}</td>"
             + (f"<td class=measures>{measured}</td>" if metrics else "") + "</tr>")
     name, text = run_dir.name, ", ".join(f"{k}={v}" for k, v in settings.items())

@@ -92,7 +92,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write a whole file or nothing: a crash leaves the old file (or none), never half a new one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -155,8 +155,10 @@ class RunLock:
     again beside the first. The kernel drops the lock when the process dies, so a killed run
     leaves nothing to clean up."""
 
-    def __init__(self, folder: Path):
-        self.path, self.fd = Path(folder) / "run.lock", None
+    remedy = "wait for it to finish or choose another trainer.default_root_dir"  # what the refusal tells to do
+
+    def __init__(self, folder: Path, remedy: str | None = None):
+        self.path, self.fd, self.remedy = Path(folder) / "run.lock", None, remedy or self.remedy
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -165,13 +167,20 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             raise InputError(f"{self.path.parent}: another run is writing to this run folder ({self.path.name}); "
-                             "wait for it to finish or choose another trainer.default_root_dir") from None
+                             f"{self.remedy}") from None
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class RunFolder:
@@ -209,6 +218,16 @@ class RunFolder:
         """(image id, settings key) of every result already in the folder."""
         return {(row["image_id"], row.get("settings")) for row in self.rows(kind)}
 
+    def add_failures(self, failures: list[dict]) -> None:
+        """List the images that could not be read in failures.jsonl, each (image id, reason) once:
+        a resumed run finds the same bad files again."""
+        path = self.path / "failures.jsonl"
+        listed = {(f.get("image_id"), f.get("error")) for f in read_jsonl(path)} if path.is_file() else set()
+        for failure in failures:
+            if (failure["image_id"], failure["error"]) not in listed:
+                self.append("failures", failure)
+                listed.add((failure["image_id"], failure["error"]))
+
     def merge(self, kind: str, key=lambda row: row["image_id"]) -> None:
         merge_rank_files(self.results_file(kind), key)
 
@@ -217,6 +236,6 @@ class RunFolder:
         (self.path / folder).mkdir(parents=True, exist_ok=True)
         return self.path / folder / f"{file_name(image_id)}{suffix}"
 
-    def lock(self) -> "RunLock":
+    def lock(self, remedy: str | None = None) -> "RunLock":
         self.path.mkdir(parents=True, exist_ok=True)
-        return RunLock(self.path)
+        return RunLock(self.path, remedy)

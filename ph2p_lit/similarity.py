@@ -67,4 +67,4 @@ def load_similarity(kind: str, clip_model: str, device, local_files_only: bool =
         return ClipSimilarity(clip_model, device, local_files_only)
     if kind == "oracle":
         return OracleSimilarity(device)
-    raise InputError(f"select_by={kind!r}: use loss, clip or oracle")
+    raise InputError(f"select_by={kind!r}: use clip or oracle (leave model.selection unset to keep the best prompt by its loss)")

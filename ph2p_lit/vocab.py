@@ -80,7 +80,7 @@ class Vocabulary:
         tokenizer, embedding_table: the model's; the table is (V, D).
         ascii_only: drop tokens with non-ASCII characters.
         whole_words: keep only tokens that end a word (no sub-word pieces).
-        english_words: keep only whole words of letters a-z that a dictionary lists (Webster's
+        english_words: keep only whole words that a dictionary lists (Webster's
             2nd, GCIDE) or that are frequent in CLIP's captions (implies whole_words).
         deny_offensive: drop the words of the shipped list ph2p_lit/words/offensive.txt.
         allow: if given, only these words (each must be one token).

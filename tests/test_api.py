@@ -63,3 +63,17 @@ def test_reconstruct_returns_the_lines_of_its_own_settings(config, image_folder,
     assert len(read_jsonl(tmp_path / "rec" / "reconstructions.jsonl")) == 4
     again = reconstruct(tmp_path / "inv" / "prompts.jsonl", run_dir=tmp_path / "rec", model=model, trainer=quiet)
     assert again == plain and len(read_jsonl(tmp_path / "rec" / "reconstructions.jsonl")) == 4
+
+
+def test_nested_settings_change_one_key_as_the_command_line_does():
+    from ph2p_lit.api import _settings, load_config
+
+    demo = load_config("demo")["model"]["refinement"]
+    settings = _settings("demo", None, {"refinement": {"budget": 100}}, None, None)
+    # --model.refinement.budget 100 keeps the block's language model, window, draws and prior weight.
+    assert settings["model"]["refinement"] == {**demo, "budget": 100}
+    assert settings["model"]["steps"] == load_config("demo")["model"]["steps"]
+    off = _settings("demo", None, {"refinement": None}, None, None)
+    assert off["model"]["refinement"] is None  # None still switches the refinement off
+    callbacks = _settings("demo", None, None, None, {"callbacks": []})
+    assert callbacks["trainer"]["callbacks"] == []  # a list replaces the config's list

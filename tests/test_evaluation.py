@@ -40,7 +40,8 @@ def _prompts(tmp_path: Path, image_folder: str, prompts: list[str]) -> Path:
     path = tmp_path / "run" / "prompts.jsonl"
     path.parent.mkdir()
     path.write_text("".join(json.dumps({"image_id": m["file_name"], "prompt": p, "caption": m["text"],
-                                        "source": str(Path(image_folder) / m["file_name"])}) + "\n"
+                                        "source": str(Path(image_folder) / m["file_name"]),
+                                        "source_root": image_folder}) + "\n"
                             for m, p in zip(meta, prompts)))
     return path
 
@@ -114,10 +115,10 @@ def test_evaluate_writes_every_measure_and_resumes(tmp_path, tiny_model, image_f
     calls.clear()
     assert evaluate(str(prompts), **kw)["means"] == pytest.approx(summary["means"])
     assert len(calls) == 1
-    # Other settings: everything is measured again.
+    # Other settings: everything is measured again, and the first settings' lines are kept.
     calls.clear()
     evaluate(str(prompts), **dict(kw, seed=1))
-    assert len(calls) == 3 and len(read_jsonl(prompts.parent / "metrics.jsonl")) == 3
+    assert len(calls) == 3 and len(read_jsonl(prompts.parent / "metrics.jsonl")) == 6
 
 
 def test_missing_weights_name_what_to_fetch(tmp_path, image_folder, tiny_model):
@@ -137,7 +138,8 @@ def test_ph2p_evaluate_on_demo_prompts_prints_the_table_and_writes_json(tmp_path
     prompts = [meta[0]["text"], "zebra tuesday"]  # the true caption, and words of no attribute
     (run / "prompts.jsonl").write_text("".join(
         json.dumps({"image_id": m["file_name"], "prompt": p, "caption": m["text"],
-                    "source": str(DEMO_IMAGES / m["file_name"])}) + "\n" for m, p in zip(meta, prompts)))
+                    "source": str(DEMO_IMAGES / m["file_name"]), "source_root": str(DEMO_IMAGES)}) + "\n"
+        for m, p in zip(meta, prompts)))
     out = subprocess.run([*PH2P, "evaluate", "--config", "configs/evaluate_demo.yaml",
                           f"--prompts={run / 'prompts.jsonl'}", "--steps=20", "--images_per_prompt=2"],
                          capture_output=True, text=True, check=True).stdout

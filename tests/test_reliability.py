@@ -152,8 +152,8 @@ def test_evaluate_measures_the_others_when_an_image_is_missing(tiny_model, tmp_p
     from ph2p_lit.evaluation import evaluate
 
     root = _folder(tmp_path)
-    rows = [{"image_id": f"img{i}.png", "source": str(root / f"img{i}.png"), "prompt": "a red star", "caption": ""}
-            for i in range(3)]
+    rows = [{"image_id": f"img{i}.png", "source": str(root / f"img{i}.png"), "source_root": str(root),
+             "prompt": "a red star", "caption": ""} for i in range(3)]
     prompts = tmp_path / "run" / "prompts.jsonl"
     prompts.parent.mkdir()
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
