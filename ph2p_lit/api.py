@@ -1,8 +1,8 @@
 """The Python API: what `ph2p invert` and `ph2p reconstruct` do, from a notebook or a script.
 
     >>> from ph2p_lit import invert, reconstruct
-    >>> rows = invert(["a.png", "b.png"], config="demo", model={"steps": 10})
-    >>> rebuilt = reconstruct("runs/demo/prompts.jsonl", model={"edit": "red->blue"})
+    >>> rows = invert(["a.png", "b.png"], config="demo", run_dir="runs/mine", model={"steps": 10})
+    >>> rebuilt = reconstruct("runs/mine/prompts.jsonl", model={"edit": "red->blue"})
 
 The settings go through the same parser as the command line (the config's YAML, then the
 keyword sections on top), so a config, the CLI and this function give the same run.
@@ -16,10 +16,8 @@ import yaml
 
 from .configs import packaged_config
 from .errors import InputError
-from .lightning_cli import run_inversion, run_reconstruction
+from .lightning_cli import INVERT_RUN_DIR, INVERT_SOURCES, own_run_folder, run_inversion, run_reconstruction
 from .runs import RunFolder
-
-SOURCES = ("root", "files", "dataset")
 
 
 def invert(
@@ -32,13 +30,19 @@ def invert(
     ckpt_path: str | None = None,
     table: bool = False,
 ) -> list[dict]:
-    """Recover a prompt per image; returns their lines of prompts.jsonl, in the order given.
+    """Recover a prompt per image; returns one dict per image file given, in the order given: its
+    line of prompts.jsonl, or, for a file that could not be read, its failures.jsonl entry
+    (`image_id`, `source`, `error`; no `prompt`); None for one that data.limit left out. For a
+    folder: a dict for each of that folder's images, sorted by image id (the run folder's other
+    lines are not returned).
 
     images: image files, or one folder (searched as data.root).
     config: a YAML config file, or the name of a shipped one (demo, sd15, sd21, sdxl); None:
         the defaults alone.
-    run_dir: the run folder (trainer.default_root_dir); None: the config's. Images already done
-        there are not inverted again: their lines are returned as they are.
+    run_dir: the run folder (trainer.default_root_dir); None: the config's for the config's own
+        images, else the config's folder, a dash and the images' folder name (runs/demo-my_images),
+        as the command does. Images already done there are not inverted again: their lines are
+        returned as they are.
     model, data, trainer: settings on top of the config's, as in its YAML sections, e.g.
         model={"steps": 100, "refinement": None}, trainer={"callbacks": []}.
     ckpt_path: resume from this checkpoint ("last": the run folder's newest).
@@ -49,15 +53,22 @@ def invert(
     if not paths:
         raise InputError("images: give one or more image files or a folder")
     source = {"root": str(paths[0])} if len(paths) == 1 and paths[0].is_dir() else {"files": [str(p) for p in paths]}
-    settings["data"] = {**settings["data"], **{k: None for k in SOURCES}, **source}  # these images, not the config's
+    config_data = settings["data"]
+    settings["data"] = {**config_data, **{k: None for k in INVERT_SOURCES}, **source}  # these images, not the config's
+    if run_dir is None and "default_root_dir" not in (trainer or {}):
+        config_run_dir = settings["trainer"].get("default_root_dir", INVERT_RUN_DIR)
+        settings["trainer"]["default_root_dir"] = own_run_folder(config_run_dir, config_data, settings["data"])
     if ckpt_path is not None:
         settings["ckpt_path"] = ckpt_path
-    folder = run_inversion(settings, table=table)
-    rows = RunFolder(folder).rows("prompts")
+    folder, image_ids, failures = run_inversion(settings, table=table)
+    rows = {row["image_id"]: row for row in RunFolder(folder).rows("prompts")}
+    # This call's images only (not the folder's others); an image done before it became unreadable keeps its line.
+    results = [rows[i] for i in image_ids if i in rows] + [f for f in failures if f["image_id"] not in rows]
     if "root" in source:
-        return sorted(rows, key=lambda row: row["image_id"])
-    by_source = {row.get("source"): row for row in rows}  # invert writes each source as its absolute path
-    return [by_source[os.path.abspath(p)] for p in paths if os.path.abspath(p) in by_source]
+        return sorted(results, key=lambda result: result["image_id"])
+    # invert writes each source as its absolute path; the inputs may be relative
+    by_source = {os.path.abspath(result["source"]): result for result in results}
+    return [by_source.get(os.path.abspath(p)) for p in paths]
 
 
 def reconstruct(

@@ -158,8 +158,10 @@ def build(app: PromptApp):
                     yield status, gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 else:
                     # one line per dropped image, in order: named as the user named it
-                    table = [[Path(p).name, r["prompt"], round(r["best_loss"], 4), r["unet_evals"]]
+                    table = [[Path(p).name, r["prompt"], round(r["best_loss"], 4), r["unet_evals"]] if "prompt" in r
+                             else [Path(p).name, f"not read: {r.get('error', '')}", None, None]
                              for p, r in zip(paths, found)]
+                    found = [r for r in found if "prompt" in r]  # an unreadable file has its reason only
                     yield status, table, app.embeddings(found), app.generated(found), found
 
         outputs = [live, prompts, files, generated, rows]

@@ -5,10 +5,12 @@ stopping, refinement, selection); these only observe it and write or show what i
 their order in trainer.callbacks does not matter.
 """
 
+import io
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 from safetensors.torch import save_file
 
@@ -60,7 +62,7 @@ class RunFolderWriter(L.Callback):
 
 class ResultsWriter(RunFolderWriter):
     """Write each finished image's line in `prompts.jsonl` (one file per rank while running,
-    merged at the end), its continuous prompt as a textual-inversion file in `embeddings/`, and
+    merged when a run starts and when it ends), its continuous prompt as a textual-inversion file in `embeddings/`, and
     the images that could not be read in `failures.jsonl`; hold the run folder's lock.
 
     The module adds this callback itself (configure_callbacks), so a trainer.callbacks list
@@ -71,9 +73,15 @@ class ResultsWriter(RunFolderWriter):
     token `<file name of the image>`, which then stands for the image's L soft vectors in a prompt.
     """
 
-    def on_train_start(self, trainer, pl_module):
-        if trainer.is_global_zero and trainer.datamodule:
-            self.run.add_failures(getattr(trainer.datamodule, "failures", []))
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        if self.lock is not None:
+            # What a run killed before its end left unmerged (a DDP run killed while rank 0 wrote
+            # the report) is merged now: a rerun that finds every image done has no training end.
+            # No rank writes before the barrier that ends set-up, so nothing is appended meanwhile.
+            # Failures too are listed here, not at the training start a rerun may not have.
+            self.run.merge("prompts")
+            self.run.add_failures(getattr(trainer.datamodule, "failures", []) if trainer.datamodule else [])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not outputs or not outputs["finished"]:
@@ -99,6 +107,26 @@ class ResultsWriter(RunFolderWriter):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             self.run.merge("prompts")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: into a temporary file beside the checkpoint, then
+    renamed over it. Lightning's own save moves a temporary from the system's temp folder, which
+    across file systems is a copy that a full disk cuts to a 0-byte `.ckpt`; here a full disk or a
+    read-only folder is one line and the previous checkpoint is kept. The invert command sets it as
+    `trainer.plugins`, so a `--trainer.callbacks+=ModelCheckpoint` writes through it."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        # Serialised in memory first (a checkpoint here is kilobytes: soft prompts, optimiser state):
+        # torch's file writer reports a full disk as a RuntimeError, Python's file as the OSError it is.
+        serialised = io.BytesIO()
+        torch.save(checkpoint, serialised)
+
+        def save(tmp: Path) -> None:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(serialised.getvalue())
+
+        save_atomic(Path(path), save)
 
 
 class PromptProgressBar(TQDMProgressBar):

@@ -5,13 +5,14 @@ same parser on a dict of settings."""
 import argparse
 import difflib
 import logging
+import os
 import pickle
 import re
 import warnings
 from pathlib import Path
 
 from diffusers.utils import logging as diffusers_logging
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from transformers.utils import logging as transformers_logging
 
 from .configs import with_packaged_configs
@@ -28,6 +29,8 @@ DESCRIPTIONS = {
 }
 
 IMAGE_SOURCES = ("root", "files", "dataset", "prompts", "prompt")  # data.* keys that say which images
+INVERT_SOURCES = ("root", "files", "dataset")  # ImageDataModule's
+INVERT_RUN_DIR = "runs/invert"  # the run folder when no config names one
 
 # The results writer is not listed: the module adds it itself (PromptInversion.configure_callbacks).
 DEFAULT_CALLBACKS = [
@@ -64,7 +67,7 @@ class ParsingCLI(LightningCLI):
         # A source of images named on the command line replaces the config's: `--config
         # configs/demo.yaml --data.files list.txt` means these files, not the demo folder too.
         args = with_packaged_configs(args)
-        named = {a[len("--data."):].split("=")[0] for a in args if a.startswith("--data.")} & set(IMAGE_SOURCES)
+        named = named_sources(args)
         if named:
             args = args + [f"--data.{key}=null" for key in IMAGE_SOURCES
                            if key not in named and f"--data.{key}" in parser._option_string_actions]
@@ -87,6 +90,60 @@ class ParsingCLI(LightningCLI):
             raise cause from None
 
 
+def named_sources(args: list[str]) -> set[str]:
+    """The data.* image sources named on the command line."""
+    return {a[len("--data."):].split("=")[0] for a in args if a.startswith("--data.")} & set(IMAGE_SOURCES)
+
+
+def own_run_folder(config_run_dir: str, config_data, data) -> str:
+    """The run folder of `data`'s images: the config's when they are the config's own images; for
+    others the config's folder, a dash and their name (runs/demo and my_images/: runs/demo-my_images).
+    In a shared folder an image of the second source would count as done because an image of the
+    first had its file name, and config.yaml would describe the other run."""
+    if image_source(data) == image_source(config_data):
+        return str(config_run_dir)
+    return f"{os.path.normpath(config_run_dir)}-{source_name(data)}"
+
+
+def image_source(data) -> dict:
+    """data.root, data.files and data.dataset, their paths normalised ("my_images/" is "my_images")."""
+    def normal(value):
+        if isinstance(value, str):
+            return os.path.normpath(value)
+        return [os.path.normpath(str(f)) for f in value] if value else value
+
+    return {key: normal(data.get(key)) for key in INVERT_SOURCES}
+
+
+def source_name(data) -> str:
+    """A short name for a run's images: the folder's, the list file's, the listed images' folder's,
+    or the dataset's."""
+    root, files, dataset = (data.get(key) for key in INVERT_SOURCES)
+    if root:
+        name = Path(os.path.abspath(root)).name
+    elif isinstance(files, str):
+        name = Path(files).stem
+    elif files:
+        name = Path(os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])).name
+    else:
+        name = Path(str(dataset or "")).name
+    return name or "images"
+
+
+class RunConfig(SaveConfigCallback):
+    """config.yaml in the run folder, written through RunFolder when the first batch starts: by then
+    the run holds the folder's lock and has images to invert. (Lightning's writes it at set-up, so a
+    run the lock refuses, or a rerun with new settings that finds every image done, rewrote the
+    config of the prompts already there.)"""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        pass
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            RunFolder(trainer.default_root_dir).write_config(self.parser.dump(self.config, skip_none=False))
+
+
 def options_before_trainer(parser) -> None:
     """--help lists the model's and data's options first, Lightning's trainer flags after them."""
     def is_trainers(group) -> bool:
@@ -103,6 +160,18 @@ def parser_settings(command: str) -> dict:
 
 
 class InversionCLI(ParsingCLI):
+    def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, dict) or not named_sources(args) or any(
+                a.split("=")[0] == "--trainer.default_root_dir" for a in args):
+            # The API resolves its own run folder (api.invert); a folder named is used as named.
+            return super().parse_arguments(parser, args)
+        # Images other than the config's own get their own run folder (own_run_folder), named
+        # before the parse that counts, so that --print_config shows it too.
+        super().parse_arguments(parser, [a for a in args if not a.startswith("--print_config")])
+        config_alone = parser.parse_args([f"--config={path}" for path in self.config.get("config") or []])
+        folder = own_run_folder(config_alone.trainer.default_root_dir, config_alone.data, self.config.data)
+        super().parse_arguments(parser, [*args, f"--trainer.default_root_dir={folder}"])
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="checkpoint to resume from: a file, or 'last' for the run folder's newest")
@@ -114,7 +183,10 @@ class InversionCLI(ParsingCLI):
         parser.set_defaults(
             {
                 "trainer.max_epochs": 1,
-                "trainer.default_root_dir": "runs/invert",
+                "trainer.default_root_dir": INVERT_RUN_DIR,
+                # Checkpoints whole or not at all, a full disk in one line (a ModelCheckpoint added
+                # to trainer.callbacks writes through it).
+                "trainer.plugins": [{"class_path": "ph2p_lit.callbacks.AtomicCheckpointIO"}],
                 "trainer.callbacks": DEFAULT_CALLBACKS,
                 "trainer.enable_checkpointing": False,
                 "trainer.logger": False,
@@ -164,6 +236,8 @@ def quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
     # Lightning's own use of a torch API it has not moved off yet; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # A rerun that finds every image done plans no batch; the data module has said so in its words.
+    warnings.filterwarnings("ignore", message=r"Total length of `\w+` across ranks is zero\. ")
 
 
 def print_table(run_dir: Path) -> None:
@@ -183,16 +257,17 @@ def print_table(run_dir: Path) -> None:
         print(f"report: {run_dir / 'report.html'} (images, prompts and images generated from them)")
 
 
-def run_inversion(args: list[str] | dict, table: bool = True) -> Path:
+def run_inversion(args: list[str] | dict, table: bool = True) -> tuple[Path, list[str], list[dict]]:
     """Parse (command-line arguments, or the API's settings as a dict), invert, print the table;
-    returns the run folder."""
+    returns the run folder, the ids of the images this call stands for (inverted now or before)
+    and the failures of those that could not be read."""
     quiet_libraries()
     cli = InversionCLI(
         PromptInversion,
         ImageDataModule,
         args=args,
         run=False,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunConfig,
         subclass_mode_model=False,
         parser_kwargs=parser_settings("invert"),
         auto_configure_optimizers=False,  # the module has its own optimiser (model.optimizer)
@@ -217,7 +292,7 @@ def run_inversion(args: list[str] | dict, table: bool = True) -> Path:
     run_dir = Path(cli.trainer.default_root_dir)
     if table and cli.trainer.is_global_zero:
         print_table(run_dir)
-    return run_dir
+    return run_dir, cli.datamodule.images.image_ids(), cli.datamodule.failures
 
 
 def _is_checkpoint_error(e: Exception) -> bool:

@@ -20,8 +20,8 @@ from .runs import RunFolder, file_name, read_jsonl, save_atomic, write_text_atom
 
 class HTMLReport(L.Callback):
     """Write report.html in the run folder when the run ends (rank 0), from every rank's prompts,
-    so a resumed run's report covers every image. `ph2p evaluate` writes it
-    again with its measures.
+    so a resumed run's report covers every image; a rerun with nothing left to invert writes it
+    if it is missing or out of date. `ph2p evaluate` writes it again with its measures.
 
     images_per_prompt: images generated from each recovered prompt (0: none); they are kept in
         report/ (see `grid_path`), so a re-run generates only for new prompts.
@@ -31,10 +31,20 @@ class HTMLReport(L.Callback):
     def __init__(self, images_per_prompt: int = 3, steps: int = 50, guidance: float = 7.5, seed: int = 0):
         self.images_per_prompt, self.steps, self.guidance, self.seed = images_per_prompt, steps, guidance, seed
 
+    def on_fit_start(self, trainer, pl_module):
+        # A rerun that finds every image done plans no batch, and Lightning then skips the training
+        # hooks: the report a killed run did not finish (or that is out of date) is written here.
+        if not trainer.datamodule.todo_indices():
+            self.write_if_out_of_date(trainer, pl_module)
+
     def on_train_end(self, trainer, pl_module):
+        self.write_if_out_of_date(trainer, pl_module)
+
+    def write_if_out_of_date(self, trainer, pl_module):
         trainer.strategy.barrier()  # every rank has written its results by now (merged or not)
         run_dir = Path(trainer.default_root_dir)
-        if trainer.is_global_zero and RunFolder(run_dir).rows("prompts"):
+        rows = RunFolder(run_dir).rows("prompts") if trainer.is_global_zero else []
+        if rows and not is_current(run_dir, rows):
             settings = {k: pl_module.hparams[k] for k in SETTINGS if k in pl_module.hparams}
             write_report(run_dir, pl_module.backbone, settings, self.images_per_prompt, self.steps, self.guidance,
                          self.seed)
@@ -55,6 +65,26 @@ def write_report(run_dir: Path, backbone, settings: dict, images_per_prompt: int
     page = run_dir / "report.html"
     write_text_atomic(page, _page(run_dir, cells, settings, metrics or {}, embed))
     return page
+
+
+def fingerprint(run_dir: Path, rows: list[dict]) -> str:
+    """What a page shows (the prompts, the images that could not be read), in a word: the report
+    carries it, so a rerun can tell whether it is current."""
+    ordered = sorted(rows, key=lambda r: r["image_id"])
+    failures = run_dir / "failures.jsonl"
+    shown = [ordered, read_jsonl(failures) if failures.is_file() else []]
+    return hashlib.sha1(json.dumps(shown, sort_keys=True).encode()).hexdigest()
+
+
+def is_current(run_dir: Path, rows: list[dict]) -> bool:
+    """Whether report.html shows exactly these prompts (then it is kept, with any measures that
+    `ph2p evaluate` added to it)."""
+    page = run_dir / "report.html"
+    if not page.is_file():
+        return False
+    with open(page, encoding="utf-8", errors="replace") as f:
+        head = f.read(4096)  # the fingerprint is in <head>
+    return f'<meta name=ph2p-prompts content="{fingerprint(run_dir, rows)}">' in head
 
 
 def grid_path(run_dir: Path, row: dict, images: int, steps: int, guidance: float, seed: int) -> Path:
@@ -171,6 +201,8 @@ def _page(run_dir: Path, cells: list[dict], settings: dict, metrics: dict[str, d
             f"<td>{loss}</td><td>{r.get('unet_evals', '')}</td>"
             + (f"<td class=measures>{measured}</td>" if metrics else "") + "</tr>")
     name, text = run_dir.name, ", ".join(f"{k}={v}" for k, v in settings.items())
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>ph2p run {html.escape(name)}</title>"
+    shown = fingerprint(run_dir, [c["row"] for c in cells])
+    return (f'<!doctype html><html><head><meta charset=utf-8><meta name=ph2p-prompts content="{shown}">'
+            f"<title>ph2p run {html.escape(name)}</title>"
             f"<style>{style}</style></head><body><h1>ph2p run {html.escape(name)}</h1><p>{html.escape(text)}</p>"
             f"{_summary(run_dir, cells, metrics)}<table>{head}{''.join(lines)}</table></body></html>\n")

@@ -3,8 +3,9 @@
 What it owns: each image id's file name (`file_name`: one name per id, never shared), per-rank
 result files and their merge (`RunFolder.append` / `merge`), whole-line appends that are fsynced
 and repair a torn last line, whole-file atomic writes (`write_text_atomic`, `save_atomic`), the
-set of finished images (`RunFolder.rows` / `done_keys`), and the lock that keeps a second run out
-(`RunLock`). Written so that a crash loses nothing already written.
+set of finished images (`RunFolder.rows` / `done_keys`), the lock that keeps a second run out
+(`RunLock`), and config.yaml, written by the lock's holder (`RunFolder.write_config`). Written so
+that a crash loses nothing already written.
 """
 
 import errno
@@ -161,7 +162,10 @@ class RunLock:
         self.path, self.fd, self.remedy = Path(folder) / "run.lock", None, remedy or self.remedy
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only folder: the run's first write, so said here in one line
+            raise _write_error(self.path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -187,8 +191,9 @@ class RunFolder:
     """One command's run folder (trainer.default_root_dir): where its per-image results live.
 
     Results are `<kind>.jsonl` ("prompts", "reconstructions"): rank 0 writes that file, rank r
-    `<kind>.rank<r>.jsonl`, and `merge` folds them into the first when the run ends. Readers go
-    through `rows`, which sees every rank's lines whether merged yet or not.
+    `<kind>.rank<r>.jsonl`, and `merge` folds them into the first when a run starts (what a killed
+    run left) and when it ends. Readers go through `rows`, which sees every rank's lines whether
+    merged yet or not.
     """
 
     def __init__(self, path: str | Path):
@@ -237,5 +242,14 @@ class RunFolder:
         return self.path / folder / f"{file_name(image_id)}{suffix}"
 
     def lock(self, remedy: str | None = None) -> "RunLock":
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _write_error(self.path, e) from None
         return RunLock(self.path, remedy)
+
+    def write_config(self, text: str) -> None:
+        """config.yaml: the settings the folder's prompts are made with. Written by the run that holds
+        the lock once it has images to invert, so a run refused by the lock, or a rerun with new
+        settings that finds every image done, leaves the config of the prompts already there."""
+        write_text_atomic(self.path / "config.yaml", text)

@@ -33,10 +33,12 @@ def test_invert_returns_a_line_per_image_in_the_order_given(config, image_folder
     assert len(read_jsonl(tmp_path / "run" / "prompts.jsonl")) == 3
 
 
-def test_a_folder_and_the_configs_run_folder(config, image_folder, tmp_path):
+def test_a_folder_gets_a_run_folder_beside_the_configs(config, image_folder, tmp_path):
     rows = invert(image_folder, config=config, trainer={"callbacks": []})
     assert [r["image_id"] for r in rows] == [f"img{i}.png" for i in range(4)]
-    assert (tmp_path / "from_config" / "prompts.jsonl").is_file()
+    # Not the config's images (demo): a run folder of their own, named after their folder.
+    own = tmp_path / f"from_config-{image_folder.rstrip('/').split('/')[-1]}"
+    assert (own / "prompts.jsonl").is_file() and not (tmp_path / "from_config").exists()
 
 
 def test_bad_settings_are_one_line(config, image_folder):
