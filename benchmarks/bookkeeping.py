@@ -18,6 +18,7 @@ from PIL import Image
 
 from ph2p_lit.batching import RepeatedBatches, rank_batches
 from ph2p_lit.image_sets import file_items, readable
+from ph2p_lit.images import MAX_PIXELS
 from ph2p_lit.runs import RunFolder, merge_rank_files
 
 STEPS = 20  # optimiser steps per batch, as configs/demo.yaml
@@ -53,7 +54,7 @@ def measure(folder: Path, n: int, run: Path) -> dict:
     results = {}
     items, _ = stage("list the folder", results, lambda: file_items(str(folder), None))
     assert len(items) == n, (len(items), n)
-    items, _ = stage("check each image opens", results, lambda: readable(items))
+    items, _ = stage("check each image opens", results, lambda: readable(items, MAX_PIXELS))
 
     run.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"image_id": it["image_id"], "prompt": "a red circle on a white background",

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from .data import shard_name
 from .runs import RunFolder, append_line, file_name, save_atomic
+from .terminal import one_line
 
 
 class PromptLogger(L.Callback):
@@ -169,6 +170,6 @@ class PromptProgressBar(TQDMProgressBar):
             first, last = sampler.images_at(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
             metrics["image"] = f"{first}/{sampler.n_images()}" if first == last else f"{first}-{last}/{sampler.n_images()}"
         if pl_module.image_ids:
-            metrics["prompt"] = pl_module.first_prompt()[:60]
+            metrics["prompt"] = one_line(pl_module.first_prompt())[:60]  # a model's tokens are text from outside
             metrics["unet/img"] = int(pl_module.unet_evals[: len(pl_module.image_ids)].float().mean())
         return metrics

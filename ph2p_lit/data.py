@@ -13,7 +13,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from .batching import RepeatedBatches, in_flight, rank_batches
-from .errors import InputError
+from .errors import InputError, at_least
 from .image_sets import (
     ImageFiles,
     file_items,
@@ -23,6 +23,7 @@ from .image_sets import (
     prompted_items,
     readable,
 )
+from .images import MAX_PIXELS
 from .runs import RunFolder
 
 
@@ -138,6 +139,8 @@ class ImageDataModule(RunImages):
         negatives: negative images (the paper's Algorithm 2; model.negative_weight): one image
             file for every target, a folder holding a negative under each target's relative
             name, or a .jsonl of {"image": target image_id, "negative": path} lines.
+        max_pixels: an image file declaring more pixels (width x height) is not decoded and goes
+            to failures.jsonl; raise it for larger images (100 megapixels take 300 MB as RGB).
         shard: "i/N": this job inverts share i of N (0 <= i < N, split by a hash of each image
             id), writing prompts.shard-i-of-N.jsonl in the same run folder, so N independent jobs
             (a SLURM array, pre-emptible machines) invert every image once; the last to end
@@ -164,6 +167,7 @@ class ImageDataModule(RunImages):
         num_workers: int = 0,
         skip_done: bool = True,
         negatives: str | None = None,
+        max_pixels: int = MAX_PIXELS,
         shard: str | None = None,
     ):
         super().__init__()
@@ -171,8 +175,9 @@ class ImageDataModule(RunImages):
             parse_shard(shard)  # a bad value stops here, in one line
         if sum(x is not None for x in (root, files, dataset)) != 1:
             raise InputError("data: give exactly one of data.root (a folder), data.files or data.dataset")
-        if batch_size < 1 or (steps is not None and steps < 1):
-            raise InputError(f"data.batch_size={batch_size}, data.steps={steps}: both must be at least 1")
+        at_least("data", 1, batch_size=batch_size, steps=steps, limit=limit, resolution=resolution,
+                 max_pixels=max_pixels)
+        at_least("data", 0, num_workers=num_workers)
         if negatives is not None and dataset is not None:
             raise InputError("data.negatives: pair negatives with data.root or data.files, not data.dataset")
         if negatives is not None and not Path(negatives).exists():
@@ -192,8 +197,8 @@ class ImageDataModule(RunImages):
         items = [item for item in items[: hp.limit] if self.in_shard(item["image_id"])]  # other shards' unread
         if hp.negatives:
             items = pair_negatives(items, Path(hp.negatives))
-        items, unreadable = readable(items)
-        self.found(ImageFiles(items, resolution), missing + unreadable, hp.root or hp.files)
+        items, unreadable = readable(items, hp.max_pixels)
+        self.found(ImageFiles(items, resolution, hp.max_pixels), missing + unreadable, hp.root or hp.files)
 
     def resumed_batches(self) -> int:
         """Batches this epoch had consumed when the checkpoint being resumed from was written."""
@@ -270,6 +275,8 @@ class PromptedImages(RunImages):
         num_workers: DataLoader workers.
         batch_size: images per U-Net batch.
         skip_done: leave out images that already have a line in the run folder's reconstructions*.jsonl.
+        max_pixels: an image file declaring more pixels (width x height) is not decoded and is
+            skipped; raise it for larger images.
     """
 
     results_kind = "reconstructions"
@@ -289,7 +296,10 @@ class PromptedImages(RunImages):
         local_files_only: bool = False,
         num_workers: int = 0,
         skip_done: bool = True,
+        max_pixels: int = MAX_PIXELS,
     ):
+        at_least("data", 1, batch_size=batch_size, limit=limit, resolution=resolution, max_pixels=max_pixels)
+        at_least("data", 0, num_workers=num_workers)
         if (prompts is None) == (prompt is None):
             raise InputError("data: give data.prompts (a prompts.jsonl from `ph2p invert`) or data.prompt "
                              "(one text prompt) with data.root or data.files")
@@ -313,8 +323,9 @@ class PromptedImages(RunImages):
             raise InputError(f"data.prompts={hp.prompts}: no such file (give the prompts.jsonl of an invert run)")
         else:
             items, missing = prompted_items(Path(hp.prompts), hp.source_root, "data.source_root")
-        items, unreadable = readable(items[: hp.limit])
-        self.found(ImageFiles(items, self.resolution()), missing + unreadable, hp.prompts or hp.root or hp.files)
+        items, unreadable = readable(items[: hp.limit], hp.max_pixels)
+        self.found(ImageFiles(items, self.resolution(), hp.max_pixels), missing + unreadable,
+                   hp.prompts or hp.root or hp.files)
 
     def item_key(self, i: int) -> tuple[str, str | None]:
         # Done means done with these settings: an edit, another negative or guidance is new work.

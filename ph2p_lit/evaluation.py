@@ -35,6 +35,7 @@ from .reconstruction import load_lpips
 from .report import SETTINGS, grid_path, save_grid, write_report
 from .runs import RunFolder, append_line, read_jsonl, write_text_atomic
 from .similarity import ClipSimilarity, OracleSimilarity, load_offline
+from .terminal import one_line
 
 
 def content_word_scores(prompt: str, caption: str) -> dict[str, float]:
@@ -144,7 +145,7 @@ def _measure(out_dir: Path, items: list[dict], missing: list[dict], key: str, me
                if r.get("settings") == key and r.get("image_id") in prompt_of and r.get("prompt") == prompt_of[r["image_id"]]}
     shown = min(images_per_prompt, 3)
     for failure in missing:
-        tqdm.write(f"skipping {failure['image_id']}: {failure['error']}")
+        tqdm.write(f"skipping {one_line(failure['image_id'])}: {one_line(failure['error'])}")
     for item in tqdm(items, desc="evaluate", unit="image"):  # generation and measures: minutes on a CPU
         if item["image_id"] in records:
             continue
@@ -154,7 +155,7 @@ def _measure(out_dir: Path, items: list[dict], missing: list[dict], key: str, me
         except (OSError, ValueError) as e:  # unreadable: measure the others, list it
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             missing.append({"image_id": item["image_id"], "source": item["source"], "error": reason})
-            tqdm.write(f"skipping {item['image_id']}: {reason}")
+            tqdm.write(f"skipping {one_line(item['image_id'])}: {one_line(reason)}")
             continue
         generated = generate(backbone, [item["prompt"]] * images_per_prompt, steps, guidance, seed).to(backbone.device)
         # The report shows (the first few of) the images that were measured, not another sample.

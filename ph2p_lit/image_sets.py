@@ -14,13 +14,22 @@ from collections import OrderedDict
 from pathlib import Path
 
 from diffusers import AutoencoderKL
-from PIL import Image
 from torch.utils.data import Dataset
 
 from .backbone import resolve_model
 from .errors import InputError
-from .images import DEMO_IMAGES, find_images, read_captions, read_text, to_pixels
+from .images import (
+    DEMO_IMAGES,
+    TooManyPixels,
+    file_problem,
+    find_images,
+    open_image,
+    read_captions,
+    read_text,
+    to_pixels,
+)
 from .runs import read_jsonl
+from .terminal import one_line
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +65,17 @@ class DecodedOnce(Dataset):
 class ImageFiles(DecodedOnce):
     """Images on disk with optional captions; ids are paths relative to their root."""
 
-    def __init__(self, items: list[dict], resolution: int):
-        self.items, self.resolution = items, resolution
+    def __init__(self, items: list[dict], resolution: int, max_pixels: int):
+        self.items, self.resolution, self.max_pixels = items, resolution, max_pixels
         self.ids = [item["image_id"] for item in items]  # built once: planning reads it per image
 
     def load(self, i: int) -> dict:
         item = self.items[i]
-        with Image.open(item["source"]) as image:
+        with open_image(item["source"], self.max_pixels) as image:
             pixels = to_pixels(image, self.resolution)
         if "negative_source" not in item:
             return {**item, "pixels": pixels}
-        with Image.open(item["negative_source"]) as image:
+        with open_image(item["negative_source"], self.max_pixels) as image:
             return {**item, "pixels": pixels, "negative_pixels": to_pixels(image, self.resolution)}
 
 
@@ -103,7 +112,7 @@ class HFImages(DecodedOnce):
         item = {
             "image_id": self.ids[i],
             "source": self.sources[i],
-            "caption": caption or "",
+            "caption": "" if caption is None else str(caption),  # a column of numbers: their text
             "pixels": to_pixels(row[self.image_column], self.resolution),
         }
         return item if self.source_root is None else {**item, "source_root": self.source_root}
@@ -125,7 +134,7 @@ def file_items(root: str | None, files: list[str] | str | None) -> tuple[list[di
             listing = Path(files)
             if not listing.is_file():
                 raise InputError(f"data.files={files}: no such list file")
-            files = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+            files = [line.strip() for line in read_text(listing).splitlines() if line.strip()]
         paths, folder, captions = [Path(f) for f in files], None, {}
         for parent in {path.parent for path in paths}:  # each listed file's folder's metadata.jsonl
             captions |= {(parent / name).as_posix(): text for name, text in read_captions(parent).items()}
@@ -136,7 +145,25 @@ def file_items(root: str | None, files: list[str] | str | None) -> tuple[list[di
         beside = path.with_suffix(".txt")
         caption = captions.get(rel) or (read_text(beside).strip() if beside.is_file() else "")
         items.append({"image_id": rel, "source": os.path.abspath(path), "source_root": source_root, "caption": caption})
-    return items, failures
+    return each_file_once(items), failures
+
+
+def each_file_once(items: list[dict]) -> list[dict]:
+    """The items with each file once, under the first name it was listed by: `a.png`, `./a.png`,
+    its absolute path or a link to it would otherwise be two results for one image (or two with
+    one image id)."""
+    kept, first_id, repeated = [], {}, []
+    for item in items:
+        real = os.path.realpath(item["source"])
+        if real in first_id:
+            repeated.append((item["image_id"], first_id[real]))
+            continue
+        first_id[real] = item["image_id"]
+        kept.append(item)
+    if repeated:
+        log.warning("data: %d listed image(s) repeat a file listed before (first: %s is %s); each file is used "
+                    "once, under the first name it is listed by", len(repeated), *map(one_line, repeated[0]))
+    return kept
 
 
 def common_folder(paths) -> str:
@@ -162,23 +189,37 @@ def pair_negatives(items: list[dict], negatives: Path) -> list[dict]:
     return items
 
 
-def readable(items: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(the items whose images open, a failure for each other): one bad file never stops a run."""
+def readable(items: list[dict], max_pixels: int) -> tuple[list[dict], list[dict]]:
+    """(the items whose images open within `max_pixels`, a failure for each other): one bad file
+    never stops a run."""
     good, failures = [], []
     for item in items:
-        try:
-            for key in ("source", "negative_source"):
-                if key in item:
-                    with Image.open(item[key]) as image:
-                        # verify() reads no pixels: a truncated or corrupt file passes it and
-                        # then stops the run at every restart. Decoding it here costs one read.
-                        image.load()
+        reason = next(filter(None, (image_problem(item[key], max_pixels)
+                                    for key in ("source", "negative_source") if key in item)), None)
+        if reason is None:
             good.append(item)
-        except Exception as e:  # PIL raises many types for broken files
-            reason = f"{type(e).__name__}: {e}".splitlines()[0]
-            failures.append({"image_id": item["image_id"], "source": item["source"], "error": reason})
-            log.warning("skipping %s: %s", item["source"], reason)
+            continue
+        failures.append({"image_id": item["image_id"], "source": item["source"], "error": reason})
+        log.warning("skipping %s: %s", one_line(item["source"]), one_line(reason))
     return good, failures
+
+
+def image_problem(path: str, max_pixels: int) -> str | None:
+    """Why the image at `path` cannot be used (None: it can): not a file (a pipe is never opened),
+    more pixels than the budget (refused from its header), or a file that does not decode."""
+    problem = file_problem(path)
+    if problem is not None:
+        return problem
+    try:
+        with open_image(path, max_pixels) as image:
+            # verify() reads no pixels: a truncated or corrupt file passes it and then stops the
+            # run at every restart. Decoding it here costs one read.
+            image.load()
+    except TooManyPixels as e:
+        return str(e)
+    except Exception as e:  # PIL raises many types for broken files
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
 
 
 def hub_images(name: str, split: str, image_column: str, caption_column: str | None, limit: int | None,
@@ -195,6 +236,9 @@ def hub_images(name: str, split: str, image_column: str, caption_column: str | N
     if image_column not in ds.column_names:
         raise InputError(f"data.image_column={image_column!r} not in {name} ({ds.column_names})")
     caption = caption_column if caption_column in ds.column_names else None
+    if caption is not None and not isinstance(ds.features[caption], datasets.Value):
+        raise InputError(f"data.caption_column={caption!r}: in {name} it holds {type(ds.features[caption]).__name__} "
+                         "values, not text; name a column of captions (or null for none)")
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
     return HFImages(ds, image_column, caption, name, resolution)
@@ -236,7 +280,7 @@ def prompted_items(prompts: Path, source_root: str | None, option: str) -> tuple
         path, why = source_file(row, source_root, prompts.parent, option)
         if path is None:
             failures.append({"image_id": image_id, "source": row.get("source") or "", "error": why})
-            log.warning("skipping %s: %s", image_id, why)
+            log.warning("skipping %s: %s", one_line(image_id), one_line(why))
             continue
         items.append({"image_id": image_id, "source": str(path), "caption": row.get("caption") or "",
                       "prompt": row["prompt"], "edit": row.get("edit") or ""})

@@ -1,11 +1,13 @@
-"""Images in and out: what a file on disk becomes for the model (`to_rgb`, `to_pixels`), what the
-model's output becomes for a person (`to_uint8`, `image_grid`), and where the images and their
-captions are (`find_images`, `read_captions`). Every command converts through here."""
+"""Images in and out: what a file on disk becomes for the model (`open_image` under a pixel
+budget, `to_rgb`, `to_pixels`), what the model's output becomes for a person (`to_uint8`,
+`image_grid`), and where the images and their captions are (`find_images`, `file_problem`,
+`read_captions`). Every command converts through here."""
 
 import base64
 import io
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from .errors import InputError
 DEMO_IMAGES = Path(__file__).parent / "demo" / "images"  # data.root: demo
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_KEYS = ("text", "caption", "prompt")
+MAX_PIXELS = 100_000_000  # data.max_pixels: more than most cameras take; 300 MB decoded as RGB
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -43,7 +46,9 @@ def to_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
 
 
 def read_captions(root: Path) -> dict[str, str]:
-    """Captions from an imagefolder's metadata.jsonl (file_name + text/caption/prompt)."""
+    """Captions from an imagefolder's metadata.jsonl (file_name + text/caption/prompt). A number
+    is taken as its text and null as no caption; anything else that is not text stops here with
+    its line, before any image is inverted (its result line could not be written after)."""
     captions = {}
     meta = root / "metadata.jsonl"
     if meta.is_file():
@@ -56,19 +61,85 @@ def read_captions(root: Path) -> dict[str, str]:
                 raise InputError(f"{meta}: line {number} is not JSON ({e.msg}); fix or delete it") from None
             if not isinstance(row, dict) or "file_name" not in row:
                 raise InputError(f"{meta}: line {number} has no file_name; each line names an image and its caption")
-            text = next((row[k] for k in CAPTION_KEYS if k in row), None)
-            if text is not None:
-                captions[row["file_name"]] = text
+            if not isinstance(row["file_name"], str):
+                raise InputError(f"{meta}: line {number}: file_name must be a file name (text), not "
+                                 f"{_json_kind(row['file_name'])}")
+            key = next((k for k in CAPTION_KEYS if k in row), None)
+            if key is None or row[key] is None:
+                continue
+            text = caption_text(row[key])
+            if text is None:
+                raise InputError(f"{meta}: line {number}: {key} is {_json_kind(row[key])}, not a caption; "
+                                 "write the caption as a string")
+            captions[row["file_name"]] = text
     return captions
 
 
+def caption_text(value) -> str | None:
+    """A caption as text: a string as it is, a number as its digits (2024 -> "2024"); None for
+    anything else (null, true, a list, an object)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _json_kind(value) -> str:
+    """How a JSON value is named in an error: "a list", "an object", "true", "null", "a number"."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), "a number")
+
+
 def read_text(path: Path) -> str:
-    """A caption file as text: UTF-8, or Latin-1 where it is not UTF-8 (older tools write it)."""
+    """A caption or list file as text: UTF-8 (a byte order mark, as Windows editors write, is
+    dropped), or Latin-1 where it is not UTF-8 (older tools write it)."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return data.decode("latin-1")
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why `path` is not a file to open as an image (None: it is one), from its metadata only:
+    opening a named pipe would wait for a writer for ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"link to {os.path.realpath(path)}, which does not exist"
+        return "no such file"
+    except OSError as e:
+        return f"{type(e).__name__}: cannot read it ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+    return f"{kind}, not an image file"
+
+
+class TooManyPixels(ValueError):
+    """An image that declares more pixels than the run's budget (data.max_pixels)."""
+
+
+def open_image(path: str | Path, max_pixels: int) -> Image.Image:
+    """Image.open under a pixel budget: a file declaring more than `max_pixels` pixels is refused
+    from its header, before decoding (a 47 KB PNG can declare 13,300 x 13,300 pixels and take
+    2 GB to decode). The budget replaces PIL's own check, which only warns below twice its limit
+    and would refuse a budget a user raised."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        image = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    pixels = image.width * image.height
+    if pixels > max_pixels:
+        image.close()
+        raise TooManyPixels(f"{image.width}x{image.height} pixels ({pixels:,}) is more than "
+                            f"data.max_pixels={max_pixels:,}; raise data.max_pixels to read it")
+    return image
 
 
 def find_images(root: Path) -> tuple[list[Path], list[dict]]:
@@ -96,10 +167,11 @@ def find_images(root: Path) -> tuple[list[Path], list[dict]]:
             path = Path(folder, name)
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue
-            if path.is_file():
+            problem = file_problem(path)
+            if problem is None:
                 paths.append(path)
             else:
-                fail(str(path), f"link to {os.path.realpath(path)}, which does not exist")
+                fail(str(path), problem)
     return sorted(paths), failures
 
 

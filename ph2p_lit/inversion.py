@@ -13,7 +13,7 @@ import torch
 
 from .backbone import Backbone
 from .callbacks import ResultsWriter
-from .errors import InputError
+from .errors import InputError, above, at_least
 from .language_prior import LanguagePrior
 from .memory import peak_mb, reset_peak
 from .optim import BatchedLBFGS, PH2PStep
@@ -127,10 +127,13 @@ class PromptInversion(L.LightningModule):
         local_files_only: bool = False,
     ):
         super().__init__()
-        for key, value in (("steps", steps), ("max_iter", max_iter), ("batch_size", batch_size), ("draws", draws),
-                           ("eval_draws", eval_draws), ("score_every_n_steps", score_every_n_steps)):
-            if value is not None and value < 1:
-                raise InputError(f"model.{key}={value}: must be at least 1")
+        at_least("model", 1, steps=steps, max_iter=max_iter, history_size=history_size, batch_size=batch_size,
+                 draws=draws, eval_draws=eval_draws, score_every_n_steps=score_every_n_steps, t_max=t_max)
+        at_least("model", 0, t_min=t_min, patience=patience, min_delta=min_delta, negative_weight=negative_weight,
+                 negative_margin=negative_margin)
+        above("model", 0, lr=lr, max_step=max_step)
+        if not all_timesteps and t_min >= t_max:
+            raise InputError(f"model.t_min={t_min}, model.t_max={t_max}: the timestep window [t_min, t_max) is empty")
         self.save_hyperparameters()
         # A checkpoint's hparams (and some CLI paths) hold the settings as a plain dict.
         self.refinement = Refinement(**refinement) if isinstance(refinement, dict) else refinement

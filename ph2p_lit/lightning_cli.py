@@ -21,6 +21,7 @@ from .errors import InputError
 from .inversion import PromptInversion
 from .reconstruction import Reconstruction
 from .runs import RunFolder
+from .terminal import one_line
 
 DESCRIPTIONS = {
     "invert": "recover a prompt per image (PH2P); writes prompts.jsonl in the run folder",
@@ -74,6 +75,19 @@ class ParsingCLI(LightningCLI):
             self.config = parser.parse_args(args)
         except argparse.ArgumentError as e:
             raise argument_error(self.command, e, list(parser._option_string_actions)) from None
+
+    def instantiate_classes(self) -> None:
+        # A settings dataclass that refuses its values (Refinement, Selection) raises inside
+        # jsonargparse's handling of `X | None`, which wraps it in a traceback: show our line.
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            cause = e
+            while cause is not None and not isinstance(cause, InputError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def named_sources(args: list[str]) -> set[str]:
@@ -224,11 +238,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # A rerun that finds every image done plans no batch; the data module has said so in its words.
     warnings.filterwarnings("ignore", message=r"Total length of `\w+` across ranks is zero\. ")
-
-
-def one_line(text: str) -> str:
-    """A file name or caption with its line breaks and tabs shown as escapes, so it keeps to its row."""
-    return str(text).translate({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
 
 
 def print_table(run_dir: Path) -> None:

@@ -30,6 +30,7 @@ from .images import to_uint8
 from .inversion import _DTYPES
 from .npi import apply_edit, ddim_invert, reconstruct
 from .runs import RunFolder, save_atomic, write_text_atomic
+from .terminal import one_line
 
 LPIPS_WEIGHTS = {  # torchvision backbones lpips loads; offline they must already be in torch's hub cache
     "alex": "alexnet-owt-7be5be79.pth",
@@ -280,24 +281,25 @@ def print_reconstructions(run_dir: Path, keys: set[tuple[str, str]] | None = Non
     rows = [r for k, r in sorted(rows.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))) if keys is None or k in keys]
     if not rows:
         return
-    width = max(len(r["image_id"]) for r in rows + [{"image_id": "image"}])
+    width = max(len(one_line(r["image_id"])) for r in rows + [{"image_id": "image"}])
     print(f"\n{'image':<{width}}  {'PSNR dB':>7}  {'LPIPS':>6}  {'s/img':>6}  prompt")
     for settings in dict.fromkeys(r.get("settings") for r in rows):
         group = [r for r in rows if r.get("settings") == settings]
-        for r in group:
-            print(f"{r['image_id']:<{width}}  {r['psnr']:>7.2f}  {r['lpips']:>6.4f}  {r['seconds']:>6.2f}  {r['prompt']}")
+        for r in group:  # file names, prompts and edits as they are safe to print
+            print(f"{one_line(r['image_id']):<{width}}  {r['psnr']:>7.2f}  {r['lpips']:>6.4f}  {r['seconds']:>6.2f}  "
+                  f"{one_line(r['prompt'])}")
         mean = {k: float(np.mean([r[k] for r in group])) for k in ("psnr", "lpips", "seconds")}
         print(f"{'mean':<{width}}  {mean['psnr']:>7.2f}  {mean['lpips']:>6.4f}  {mean['seconds']:>6.2f}  "
               f"({len(group)} images; {_settings_text(group[0])})")
     unchanged = [r["image_id"] for r in rows if r.get("edit") and r.get("edit_applied") is False]
     if unchanged:
-        named = ", ".join(unchanged[:3]) + (", ..." if len(unchanged) > 3 else "")
+        named = ", ".join(map(one_line, unchanged[:3])) + (", ..." if len(unchanged) > 3 else "")
         print(f"warning: the edit matched no word in {len(unchanged)} of {sum(bool(r.get('edit')) for r in rows)} "
               f"prompts ({named}); those images are reconstructions, edit_applied: false in reconstructions.jsonl")
     print(f"results in {run_dir / 'reconstructions.jsonl'}")
 
 
 def _settings_text(row: dict) -> str:
-    edit = f", edit {row['edit']}" if row.get("edit") else ""
+    edit = f", edit {one_line(row['edit'])}" if row.get("edit") else ""
     return (f"negative={row['negative']}, guidance {row['guidance']}, {row['steps']} steps, strength "
             f"{row.get('strength', 1.0)}{edit}; LPIPS: {row.get('lpips_net', 'alex')}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import InputError, at_least
 from .language_prior import LanguagePrior
 from .vocab import Vocabulary
 
@@ -72,6 +73,19 @@ class Refinement:
     prior_weight: float = 1e-3
     check_draws: int = 0
     max_batch_samples: int = 2048
+
+    def __post_init__(self):
+        section = "model.refinement"
+        at_least(section, 1, draws=self.draws, screen_draws=self.screen_draws, max_batch_samples=self.max_batch_samples)
+        # 0 is meaningful for these: no candidates of that kind (per_position=0 with pruning: pruning only).
+        at_least(section, 0, top_k=self.top_k, nearest_k=self.nearest_k, prior_k=self.prior_k, beams=self.beams,
+                 per_position=self.per_position, finalists=self.finalists, prior_min_prob=self.prior_min_prob,
+                 budget=self.budget, min_gain=self.min_gain, prune_tolerance=self.prune_tolerance,
+                 prior_weight=self.prior_weight, check_draws=self.check_draws)
+        if not self.prior_min_prob <= 1:
+            raise InputError(f"{section}.prior_min_prob={self.prior_min_prob}: must be at most 1 (a probability)")
+        if self.window is not None and not 0 <= self.window[0] < self.window[1]:
+            raise InputError(f"{section}.window={list(self.window)}: must be [t_min, t_max) with 0 <= t_min < t_max")
 
 
 @dataclass

@@ -22,36 +22,51 @@ from .errors import InputError
 _write = os.write  # one name for the tests' injected faults (a full disk mid-line)
 
 
-def _cut_torn_tail(fd: int) -> int:
-    """Truncate a last line that has no newline (a write cut by a crash or a full disk), so that
-    the next line does not join it; returns the file's size after."""
+def _end_of_whole_lines(fd: int) -> tuple[int, bytes]:
+    """Where the next line goes, and what must come before it. A last line without its newline is
+    kept if it is whole JSON (a tool that writes "\n".join(lines) leaves one, and read_jsonl already
+    counts it as done): the next line then starts with the newline it lacks. Otherwise it is a
+    write cut by a crash or a full disk, and is truncated (its image is simply not done)."""
     size = os.fstat(fd).st_size
     if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return size
-    end = size
-    while end > 0:
-        start = max(0, end - 65536)
-        chunk = os.pread(fd, end - start, start)
-        newline = chunk.rfind(b"\n")
+        return size, b""
+    start = size
+    while start > 0:
+        chunk_start = max(0, start - 65536)
+        newline = os.pread(fd, start - chunk_start, chunk_start).rfind(b"\n")
         if newline >= 0:
-            end = start + newline + 1
+            start = chunk_start + newline + 1
             break
-        end = start
-    os.ftruncate(fd, end)
-    return end
+        start = chunk_start
+    if _parses(os.pread(fd, size - start, start)):
+        return size, b"\n"
+    os.ftruncate(fd, start)
+    return start, b""
+
+
+def _parses(line: str | bytes) -> bool:
+    """Whether a line is whole: it parses, as read_jsonl reads it (so reading and appending agree
+    on what is done; a line cut short never parses, as a JSON object closes only at its end)."""
+    try:
+        json.loads(line)
+    except ValueError:  # JSONDecodeError, or bytes cut inside a UTF-8 character
+        return False
+    return True
 
 
 def append_line(path: Path, record: dict) -> None:
     """Append one JSON line and fsync it. A torn last line left by an earlier crash is cut off
-    first (its image is then simply not done); a write that fails (full disk, read-only folder) is
-    undone and reported in one line, so the file holds whole lines only."""
-    data = (json.dumps(record) + "\n").encode()
+    first, a whole one without its newline kept (see _end_of_whole_lines); a write that fails
+    (full disk, read-only folder) is undone and reported in one line, so the file holds whole
+    lines only."""
+    line = (json.dumps(record) + "\n").encode()
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise _write_error(path, e) from None
     try:
-        size = _cut_torn_tail(fd)
+        size, before = _end_of_whole_lines(fd)
+        data = before + line
         try:
             os.lseek(fd, size, os.SEEK_SET)
             written = 0
@@ -125,12 +140,14 @@ def merge_rank_files(final: Path, key) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The file's whole lines, parsed; a line torn by a crash mid-write is left out (and cut
+    before the next append: append_line keeps the same lines)."""
     rows = []
     for line in Path(path).read_text().splitlines():
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash mid-write
+        except ValueError:  # torn by a crash mid-write; _parses is the same test
+            continue
     return rows
 
 

@@ -2,6 +2,8 @@
 diffusers layout so tests go through the real `from_pretrained` code, and a few target images."""
 
 import shutil
+import signal
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -63,3 +65,24 @@ def copy_of(tmp_path):
         return str(dst)
 
     return copy
+
+
+@contextmanager
+def _fail_if_blocked(seconds: int = 20):
+    def give_up(*_):
+        raise TimeoutError(f"blocked for more than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture()
+def no_hang():
+    """`with no_hang():` fails, rather than waits for ever, if the code under test blocks (opening
+    a FIFO does): the alarm's exception interrupts the blocked call."""
+    return _fail_if_blocked

@@ -166,13 +166,13 @@ def test_a_very_large_image_is_resized(tmp_path):
 def test_each_image_is_decoded_once_per_batch_not_once_per_step(tiny_model, image_folder, tmp_path, monkeypatch):
     import lightning as L
 
-    import ph2p_lit.image_sets as image_sets
+    import ph2p_lit.images as images
     from ph2p_lit.callbacks import ResultsWriter
     from ph2p_lit.inversion import PromptInversion
 
     opened = []
-    real_open = image_sets.Image.open
-    monkeypatch.setattr(image_sets.Image, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    real_open = images.Image.open
+    monkeypatch.setattr(images.Image, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
     module = PromptInversion(model=tiny_model, prompt_length=2, steps=5, max_iter=1, init_prompt=None, batch_size=2)
     data = ImageDataModule(root=image_folder, steps=5, model=tiny_model, batch_size=2)
     L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=False, enable_checkpointing=False,

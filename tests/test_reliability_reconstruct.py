@@ -4,9 +4,7 @@ prompts file's images only inside a root, and say which settings their tables an
 
 import json
 import os
-import signal
 import time
-from contextlib import contextmanager
 
 import lightning as L
 import numpy as np
@@ -56,21 +54,6 @@ def _reconstruct(tiny_model, prompts, run_dir, **model):
 
 EVALUATE = dict(images_per_prompt=1, steps=2, clip_model=None, bert_model=None, lpips_backbone="random",
                 local_files_only=True, device="cpu")
-
-
-@contextmanager
-def _no_hang(seconds=20):
-    """Fail, rather than wait for ever, if the code under test blocks (opening a FIFO does)."""
-    def give_up(*_):
-        raise TimeoutError("blocked")
-
-    old = signal.signal(signal.SIGALRM, give_up)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ---- 5: reconstruct holds the run folder's lock --------------------------------------------------
@@ -149,18 +132,18 @@ def test_evaluate_holds_the_run_folders_lock(tiny_model, tmp_path):
 # ---- 10: no hang on a FIFO; a bad prompts line is one line naming the file, line and key ----------
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
-def test_a_fifo_source_is_a_failure_not_a_hang(tiny_model, tmp_path):
+def test_a_fifo_source_is_a_failure_not_a_hang(tiny_model, tmp_path, no_hang):
     root = _folder(tmp_path, n=2)
     os.mkfifo(root / "pipe.png")
     rows = [{"image_id": name, "source": str(root / name), "source_root": str(root), "prompt": "a"}
             for name in ("img0.png", "pipe.png", "img1.png")]
     prompts = _prompts(tmp_path / "run" / "prompts.jsonl", rows)
     data = PromptedImages(prompts=str(prompts), resolution=8)
-    with _no_hang():
+    with no_hang():
         data.setup()
     assert data.images.image_ids() == ["img0.png", "img1.png"]
     assert [f["image_id"] for f in data.failures] == ["pipe.png"] and "not a regular file" in data.failures[0]["error"]
-    with _no_hang():
+    with no_hang():
         summary = evaluate(str(prompts), model=tiny_model, **EVALUATE)
     assert summary["images"] == 2 and [m["image_id"] for m in summary["missing"]] == ["pipe.png"]
 
