@@ -93,6 +93,13 @@ class RunImages(L.LightningDataModule):
                 dir=self.trainer.default_root_dir, todo=len(todo)))
         return todo
 
+    def done_ids(self) -> set[str]:
+        """Ids of the images the run folder already has a result for (none when not skipping)."""
+        if not (self.hparams.skip_done and self.trainer):
+            return set()
+        return {image_id for image_id, settings in RunFolder(self.trainer.default_root_dir).done_keys(self.results_kind)
+                if settings is None}
+
     def in_shard(self, image_id: str) -> bool:
         """Whether this job inverts the image: all of them, or with data.shard i/N those whose id
         hashes to i (stable across machines, runs and Python versions, unlike hash())."""
@@ -197,8 +204,13 @@ class ImageDataModule(RunImages):
         items = [item for item in items[: hp.limit] if self.in_shard(item["image_id"])]  # other shards' unread
         if hp.negatives:
             items = pair_negatives(items, Path(hp.negatives))
-        items, unreadable = readable(items, hp.max_pixels)
-        self.found(ImageFiles(items, resolution, hp.max_pixels), missing + unreadable, hp.root or hp.files)
+        # Only the images left to do are opened to check them: a rerun of 100,000 done images
+        # would otherwise decode them all again before finding there is nothing to do.
+        done = self.done_ids()
+        checked, unreadable = readable([item for item in items if item["image_id"] not in done], hp.max_pixels)
+        keep = {item["image_id"] for item in checked} | done
+        self.found(ImageFiles([item for item in items if item["image_id"] in keep], resolution, hp.max_pixels),
+                   missing + unreadable, hp.root or hp.files)
 
     def resumed_batches(self) -> int:
         """Batches this epoch had consumed when the checkpoint being resumed from was written."""
