@@ -3,21 +3,20 @@
 Shared and read-only: it is never a parameter of a LightningModule and never in a checkpoint.
 """
 
+from __future__ import annotations
+
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-from transformers.masking_utils import create_causal_mask
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # the libraries load with the model (from_pretrained), not with this module: see __init__.py
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 DEMO_MODEL = str(Path(__file__).parent / "demo" / "model")
 
@@ -63,13 +62,16 @@ class Backbone:
         local_files_only: bool = False,
         offload: bool = False,
         gradient_checkpointing: bool = False,
-    ) -> "Backbone":
+    ) -> Backbone:
         """Load a diffusers-layout Stable Diffusion or SDXL checkpoint (folder or hub id), frozen.
 
         offload: keep the VAE and text encoders on the CPU between uses (less device memory).
         gradient_checkpointing: recompute the U-Net's activations in the backward pass to the
             prompt instead of storing them (less memory, about one more forward's time).
         """
+        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
         path = resolve_model(model)
         kw = dict(local_files_only=local_files_only)
 
@@ -113,7 +115,7 @@ class Backbone:
     def text_encoders(self) -> list:
         return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
-    def to(self, device: str | torch.device) -> "Backbone":
+    def to(self, device: str | torch.device) -> Backbone:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.compute_device = torch.device(device)
@@ -293,6 +295,8 @@ def _run_text(encoder, token_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.
     """A CLIP text encoder from token embeddings (its forward takes only input_ids): position
     embeddings, causal self-attention. Returns the penultimate layer's hidden states (SDXL reads
     them) and the final ones after the last layer norm (SD reads them)."""
+    from transformers.masking_utils import create_causal_mask  # loaded by from_pretrained already
+
     text = getattr(encoder, "text_model", encoder)  # CLIPTextModelWithProjection wraps a CLIPTextModel
     hidden = text.embeddings(inputs_embeds=token_embeds.to(encoder.dtype))
     mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)

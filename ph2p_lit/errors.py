@@ -4,6 +4,21 @@ Its message names the key or file and what to do; the CLI prints it as one line,
 traceback. Everything else is a bug and keeps its traceback.
 """
 
+import argparse
+import difflib
+import re
+
 
 class InputError(ValueError):
     pass
+
+
+def argument_error(command: str, e: argparse.ArgumentError, options: list[str]) -> InputError:
+    """A parser's error as one line: what was wrong, the nearest option to a mistyped one, where
+    the options are listed (not sixty lines of usage first)."""
+    text = " ".join(str(e).split())  # jsonargparse puts the reason on the lines after the key
+    text = text if len(text) <= 300 else text[:300] + " ..."
+    typed = re.search(r"unrecognized arguments: (--[^\s=]+)", text)
+    near = difflib.get_close_matches(typed.group(1), options, n=1) if typed else []
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return InputError(f"{text}{hint}; `ph2p {command} --help` lists the options")

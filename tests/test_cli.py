@@ -204,12 +204,3 @@ def test_every_option_of_every_command_has_a_line_of_meaning():
         signature = inspect.signature(thing.__init__ if inspect.isclass(thing) else thing)
         assert set(signature.parameters) - {"self"} <= described, thing.__name__
         assert doc.short_description.endswith("."), thing.__name__  # help's first line is a whole sentence
-
-
-def test_invert_help_puts_the_model_and_data_before_the_trainer(capsys):
-    with pytest.raises(SystemExit):
-        main(["invert", "--help"])
-    text = capsys.readouterr().out
-    assert text.startswith("usage: ph2p invert")
-    assert text.index("--model.prompt_length") < text.index("--data.root") < text.index("--trainer.devices")
-    assert "--optimizer " not in text  # Lightning's optimiser flags, which the model does not use
