@@ -51,7 +51,10 @@ def invert(
     settings["data"] = {**settings["data"], **{k: None for k in SOURCES}, **source}  # these images, not the config's
     if ckpt_path is not None:
         settings["ckpt_path"] = ckpt_path
-    folder = run_inversion(settings, table=table)
+    try:
+        folder = run_inversion(settings, table=table)
+    except InputError as e:  # the message says it all: raised from here, not under 40 lines of LightningCLI's stack
+        raise e.with_traceback(None) from None
     rows = RunFolder(folder).rows("prompts")
     if "root" in source:
         return sorted(rows, key=lambda row: row["image_id"])
@@ -78,7 +81,10 @@ def reconstruct(
     """
     settings = _settings(config, run_dir, model, data, trainer)
     settings["data"] = {**settings["data"], "prompts": str(prompts), "prompt": None, "root": None, "files": None}
-    folder, keys = run_reconstruction(settings)
+    try:
+        folder, keys = run_reconstruction(settings)
+    except InputError as e:  # as in invert
+        raise e.with_traceback(None) from None
     rows = RunFolder(folder).rows("reconstructions")
     return sorted((r for r in rows if (r["image_id"], r.get("settings")) in keys), key=lambda r: r["image_id"])
 

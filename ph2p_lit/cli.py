@@ -46,8 +46,16 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()  # e.g. a note per part when a float16 pipeline is saved
     # Lightning's own use of a torch API it has not moved off yet; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning's advice for checkpoints of manually optimised modules (13 lines): a checkpoint of
+    # the state after the step is what `--ckpt_path=last` resumes from here. A run folder that
+    # already holds checkpoints, and a checkpoint taken mid-epoch, are how resuming works here (the
+    # DataModule skips finished images and the module restores the one in flight).
+    for message in ("Using ModelCheckpoint with manual optimization", r"Checkpoint directory .* exists and is not empty",
+                    "You're resuming from a checkpoint that ended before the epoch ended"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def call(command: str, function, args: list[str]) -> None:

@@ -59,6 +59,13 @@ class ParsingCLI(LightningCLI):
             raise argument_error(self.command, e, list(parser._option_string_actions)) from None
         quiet_libraries()  # only now: it loads diffusers, which --help must not wait for
 
+    def before_instantiate_classes(self) -> None:
+        # `--trainer.enable_progress_bar=false` means no bar: drop ours rather than let Lightning
+        # refuse the combination with a traceback.
+        trainer = self.config["trainer"]
+        if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
+            trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("ProgressBar")]
+
 
 HELP_ALL = "--help-all"
 
@@ -144,14 +151,6 @@ class InversionCLI(ParsingCLI):
         options_before_trainer(parser)
 
 
-    def before_instantiate_classes(self) -> None:
-        # `--trainer.enable_progress_bar=false` means no bar: drop ours rather than let Lightning
-        # refuse the combination with a traceback.
-        trainer = self.config["trainer"]
-        if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
-            trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("ProgressBar")]
-
-
 class ReconstructionCLI(ParsingCLI):
     command = "reconstruct"
 
@@ -161,7 +160,8 @@ class ReconstructionCLI(ParsingCLI):
         parser.set_defaults(
             {
                 "trainer.default_root_dir": "runs/reconstruct",
-                "trainer.callbacks": [{"class_path": "ph2p_lit.reconstruction.ReconstructionWriter"}],
+                "trainer.callbacks": [{"class_path": "ph2p_lit.reconstruction.ReconstructionProgressBar"},
+                                      {"class_path": "ph2p_lit.reconstruction.ReconstructionWriter"}],
                 "trainer.logger": False,
                 "trainer.enable_model_summary": False,  # the soft prompt is the only parameter: nothing to summarise
                 "trainer.enable_checkpointing": False,

@@ -30,10 +30,13 @@ def test_ph2p_help_loads_no_torch():
 
 
 def test_the_package_loads_its_parts_when_named():
+    import ph2p_lit
+    from ph2p_lit import invert
+    from ph2p_lit.api import invert as defined
+
     _, modules = _modules_after("import ph2p_lit")
     assert "torch" not in modules
-    _, modules = _modules_after("from ph2p_lit import invert, Vocabulary; assert callable(invert)")
-    assert "ph2p_lit.api" in modules and "ph2p_lit.vocab" in modules
+    assert invert is defined and all(getattr(ph2p_lit, name) for name in ph2p_lit.__all__)
 
 
 def test_invert_help_is_our_options_in_a_screenful_without_the_run_libraries():
@@ -56,3 +59,131 @@ def test_invert_help_all_adds_the_trainer(capsys):
     assert text.index("--model.prompt_length") < text.index("--data.root") < text.index("--trainer.devices")
     assert "applied on parse" in text  # the linked settings, which only --help-all explains
     assert "--optimizer " not in text  # Lightning's optimiser flags, which the model does not use
+
+
+# ---------------------------------------------------------------- weights not on this machine (items 2, 8)
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    """No hub (HF_HUB_OFFLINE) and an empty torch hub cache (no LPIPS backbone weights)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+def _one_line_quickly(call, *named: str) -> str:
+    import time
+
+    from ph2p_lit.errors import InputError
+
+    start = time.monotonic()
+    with pytest.raises(InputError) as e:
+        call()
+    message = str(e.value)
+    assert "\n" not in message and all(n in message for n in named), message
+    assert time.monotonic() - start < 10  # no retries, no model loaded
+    return message
+
+
+def test_invert_names_every_missing_weight_at_once_before_loading(offline):
+    from ph2p_lit.inversion import PromptInversion
+    from ph2p_lit.refine import Refinement
+    from ph2p_lit.selection import Selection
+
+    message = _one_line_quickly(lambda: PromptInversion(
+        model="nobody/no-such-sd", refinement=Refinement(language_model="nobody/no-such-lm"),
+        selection=Selection(clip_model="nobody/no-such-clip")),
+        "model.model='nobody/no-such-sd'", "model.refinement.language_model='nobody/no-such-lm'",
+        "model.selection.clip_model='nobody/no-such-clip'", "HF_HUB_OFFLINE")
+    assert "hf download nobody/no-such-lm" in message
+
+
+def test_reconstruct_names_the_model_and_lpips_weights_at_once(offline):
+    from ph2p_lit.reconstruction import Reconstruction
+
+    _one_line_quickly(lambda: Reconstruction(model="nobody/no-such-sd"),
+                      "model.model='nobody/no-such-sd'", "alexnet-owt-7be5be79.pth", "model.lpips_backbone=random")
+
+
+def test_evaluate_names_every_missing_weight_at_once(offline, tmp_path):
+    from ph2p_lit.evaluation import evaluate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"image_id": "a.png", "source": "a.png", "prompt": "a red star"}\n')
+    _one_line_quickly(lambda: evaluate(str(prompts), model="nobody/no-such-sd", clip_model="nobody/no-such-clip",
+                                       bert_model="nobody/no-such-bert"),
+                      "model='nobody/no-such-sd'", "clip_model='nobody/no-such-clip'",
+                      "bert_model='nobody/no-such-bert'", "lpips_backbone=random")
+
+
+def test_a_missing_lpips_weight_from_python_is_the_message_not_lightnings_stack(offline, tmp_path, tiny_model):
+    """The README's `reconstruct(...)` offline: the InputError with what to set, raised from the
+    API's own frame (not 40 lines through LightningCLI and jsonargparse)."""
+    import traceback
+
+    from ph2p_lit import reconstruct
+    from ph2p_lit.errors import InputError
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"image_id": "a.png", "source": "a.png", "prompt": "a red star"}\n')
+    with pytest.raises(InputError, match="model.lpips_backbone=random") as e:
+        reconstruct(prompts, model={"model": tiny_model}, run_dir=tmp_path / "run")
+    frames = traceback.extract_tb(e.tb)
+    assert [f.name for f in frames[1:]] == ["reconstruct"], [f"{f.filename}:{f.name}" for f in frames]
+
+
+# ---------------------------------------------------------------- noise (item 6)
+def _noise(output: str) -> list[str]:
+    """Lines a library printed that the user did not ask for: warnings (file:line: ...), weight
+    loading bars, Lightning's tips and notes."""
+    lines = [line.strip() for line in output.replace("\r", "\n").splitlines()]
+    return [line for line in lines if "site-packages" in line or "Warning" in line or "Loading weights" in line
+            or "Tip:" in line or line.startswith(("GPU available", "TPU available", "Seed set"))]
+
+
+def _ph2p(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "ph2p_lit.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_the_readme_checkpoint_recipe_and_its_resume_warn_of_nothing(tiny_model, image_folder, tmp_path, recwarn):
+    from ph2p_lit.cli import main
+
+    run = ["invert", f"--model.model={tiny_model}", "--model.prompt_length=2", "--model.steps=2", "--model.max_iter=1",
+           "--model.refinement=null", f"--data.root={image_folder}", "--data.limit=1",
+           f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.enable_checkpointing=true",
+           "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=1",
+           "--trainer.callbacks.save_last=true"]
+    main(run)
+    assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
+    main(run + ["--ckpt_path=last"])  # the README's "killed? the same command with --ckpt_path=last"
+    shown = [w for w in recwarn if not issubclass(w.category, DeprecationWarning)]  # Python hides those from users
+    assert [f"{w.filename}: {str(w.message)[:100]}" for w in shown] == []
+
+
+def test_generate_prints_no_weight_loading_bars(tiny_model, tmp_path):
+    result = _ph2p("generate", "--prompts=[a red star]", f"--model={tiny_model}", "--steps=1", "--images_per_prompt=1",
+                   f"--out={tmp_path / 'gen'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _noise(result.stdout + result.stderr) == []
+
+
+def test_the_reconstruct_bar_ends_before_the_table(tiny_model, image_folder, tmp_path, capsys):
+    import json
+
+    from ph2p_lit.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"image_id": "img0.png", "source": f"{image_folder}/img0.png", "prompt": "a"}) + "\n")
+    main(["reconstruct", f"--model.model={tiny_model}", "--model.steps=2", "--model.lpips_backbone=random",
+          f"--data.prompts={prompts}", f"--trainer.default_root_dir={tmp_path / 'rec'}"])
+    out = capsys.readouterr().out
+    assert "Predicting" not in out and "DataLoader 0" not in out
+    assert out.rindex("reconstruct:") < out.index("PSNR")  # the bar's last frame, then the table
+
+
+def test_train_demo_prints_no_model_summary():
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from ph2p_lit.demo.train import _trainer
+
+    assert not any(isinstance(c, ModelSummary) for c in _trainer(1, "x").callbacks)
