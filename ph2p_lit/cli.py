@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: ph2p COMMAND [--config FILE] [options]\n\ncommands:")
         for name, command in COMMANDS.items():
-            print(f"  {name:<16} {command.text}")
-        print("\n`ph2p COMMAND --help` lists a command's options; --print_config shows its full config.")
+            print(f"  {name:<{max(map(len, COMMANDS))}}  {command.text}")
+        print("\n`ph2p COMMAND --help` lists a command's options (invert, reconstruct: --help-all adds Lightning's"
+              "\nTrainer options); --print_config shows its full config.")
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"ph2p: unknown command {argv[0]!r}")
         return

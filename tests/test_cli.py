@@ -87,9 +87,9 @@ def test_parse_errors_are_one_line_with_the_nearest_option(args, named, capsys):
     ("--model.model=/no/such/model", "/no/such/model"),
     ("--model.t_max=5000", "model.t_max=5000"),
 ])
-def test_bad_input_is_one_line_naming_the_key(tiny_model, image_folder, override, named):
+def test_bad_input_is_one_line_naming_the_key(tiny_model, image_folder, override, named, tmp_path):
     result = _run(["invert", f"--model.model={tiny_model}", f"--data.root={image_folder}", "--model.steps=1",
-                   "--model.max_iter=1", "--model.prompt_length=2", override])
+                   "--model.max_iter=1", "--model.prompt_length=2", f"--trainer.default_root_dir={tmp_path}", override])
     assert result.returncode != 0
     assert named in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 

@@ -187,3 +187,70 @@ def test_train_demo_prints_no_model_summary():
     from ph2p_lit.demo.train import _trainer
 
     assert not any(isinstance(c, ModelSummary) for c in _trainer(1, "x").callbacks)
+
+
+# ---------------------------------------------------------------- the README, read before it is run (items 4, 5)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import readme_walk  # noqa: E402
+
+
+def test_the_walk_takes_every_readme_step_in_order():
+    steps = readme_walk.readme_steps()
+    texts = [s.text for s in steps]
+    assert texts[0] == "make demo" and "source .venv/bin/activate" in texts
+    python = [s.text for s in steps if s.kind == "python"]
+    assert python and all("import" in code for code in python)  # whole blocks, run as written
+    inline = [t for t in texts if t.startswith("python benchmarks/")]
+    assert {"demo_figure.py", "demo_npi.py", "npi_figures.py"} <= {t.split()[1].split("/")[-1] for t in inline}
+    order = [texts.index(next(t for t in texts if key in t)) for key in
+             ("make demo", "demo_figure.py", "ph2p reconstruct", "demo_npi.py", "npi_figures.py", "ph2p evaluate")]
+    assert order == sorted(order)
+
+
+def test_every_place_a_readme_command_writes_is_ignored_by_git():
+    """A README command's output lands in runs/ (ignored), never in a tracked file or a new folder
+    in the clone (the figure scripts wrote docs/*.png, the pictures' line a W/ folder)."""
+    written = {path for step in readme_walk.readme_steps() for path in readme_walk.written_paths(step.text)
+               if not any(key in step.text for key in ("--out_dir ph2p_lit/", "train-caption-lm"))}
+    assert written
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input="\n".join(written),
+                             capture_output=True, text=True).stdout.split()
+    assert sorted(written - set(ignored)) == []
+
+
+def test_no_benchmark_writes_into_docs_unless_told():
+    import ast
+
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        calls = [n for n in ast.walk(ast.parse(script.read_text())) if isinstance(n, ast.Call)
+                 and getattr(n.func, "attr", "") == "add_argument"]
+        defaults = [k.value.value for c in calls for k in c.keywords if k.arg == "default"
+                    and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)]
+        assert not [d for d in defaults if d.startswith("docs")], script.name
+
+
+def test_the_readme_puts_ph2p_on_the_path_before_using_it():
+    """After `make demo` the commands are in .venv/bin, not on PATH: the README says so before its
+    first bare `ph2p` or `python benchmarks/` line."""
+    text = [s.text for s in readme_walk.readme_steps()]
+    first_bare = next(k for k, t in enumerate(text) if t.startswith(("ph2p ", "python ")))
+    assert "source .venv/bin/activate" in text[:first_bare]
+
+
+# ---------------------------------------------------------------- what the numbers cover (item 9)
+def test_the_report_says_what_each_mean_covers_and_that_lpips_is_random(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from ph2p_lit import report
+    from ph2p_lit.runs import append_line
+
+    for k in range(3):
+        append_line(tmp_path / "prompts.jsonl", {"image_id": f"i{k}.png", "prompt": "a red star"})
+    (tmp_path / "metrics.json").write_text(json.dumps({"settings": {"lpips": "alex, random backbone"}}))
+    metrics = {"i0.png": {"lpips_to_target": 0.2, "word_f1": 1.0}, "i1.png": {"lpips_to_target": 0.4}}
+    page = report.write_report(tmp_path, SimpleNamespace(resolution=16), {}, images_per_prompt=0,
+                               metrics=metrics).read_text()
+    assert "<td>lpips_to_target</td><td>0.300</td><td>lower is better</td><td>2 of 3 images</td>" in page
+    assert "<td>word_f1</td><td>1.000</td><td>higher is better</td><td>1 of 3 images</td>" in page
+    assert "alex, random backbone" in page and "not the published metric" in page
