@@ -10,6 +10,7 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from jsonargparse import CLI
 
@@ -84,6 +85,11 @@ COMMANDS = {
 }
 
 
+# `ph2p invert --help` and `reconstruct --help` as their parsers print them (lightning_cli.BriefHelp),
+# kept as text: building those parsers loads Lightning (~5 s) just to print what is known in advance.
+HELP_FILES = Path(__file__).parent / "help"
+
+
 def _is_trainer_misconfiguration(e: Exception) -> bool:
     """Lightning's word on the trainer settings (e.g. a GPU on a CPU-only machine). Looked up, not
     imported: a command that never loaded Lightning cannot have raised it."""
@@ -101,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
               "\nTrainer options); --print_config shows its full config.")
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(f"ph2p: unknown command {argv[0]!r}")
+        return
+    help_file = HELP_FILES / f"{argv[0]}.txt"
+    if help_file.is_file() and ("-h" in argv or "--help" in argv):
+        print(help_file.read_text(), end="")
         return
     try:
         COMMANDS[argv[0]].run(argv[0], argv[1:])

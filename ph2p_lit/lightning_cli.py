@@ -3,6 +3,8 @@ errors, the order of --help), the run, the table of prompts. The Python API (api
 same parser on a dict of settings."""
 
 import argparse
+import contextlib
+import io
 import pickle
 import textwrap
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
-from .cli import COMMANDS, quiet_libraries
+from .cli import COMMANDS, HELP_FILES, quiet_libraries
 from .configs import with_packaged_configs
 from .data import ImageDataModule, PromptedImages
 from .errors import InputError, argument_error
@@ -83,7 +85,8 @@ def options_before_trainer(parser) -> None:
 
 def brief_help(parser) -> None:
     """Make --help print our options only, each in a line or two (BriefHelp): Lightning's trainer
-    (360 lines) and the linked settings' internals wait behind --help-all."""
+    (360 lines) and the linked settings' internals wait behind --help-all. `ph2p` prints this text
+    from HELP_FILES, written by write_help_files, so that it need not load Lightning first."""
     parser._action_groups = [g for g in parser._action_groups if not _is_trainers(g) and g.title != "Linked arguments"]
     parser.formatter_class = BriefHelp
     parser.epilog = (f"{HELP_ALL}: every option in full, with Lightning's Trainer (--trainer.*: devices, "
@@ -92,9 +95,15 @@ def brief_help(parser) -> None:
 
 class BriefHelp(DefaultHelpFormatter):
     """An option a line: `--key=default` and the first sentence of its meaning, wrapped to two
-    lines at most (the whole text is in --help-all)."""
+    lines at most (the whole text is in --help-all), for 80 columns (it is printed from a file)."""
 
     column = 34
+
+    def __init__(self, prog: str, **kwargs):
+        super().__init__(prog, **{**kwargs, "width": 78})
+
+    def start_section(self, heading: str | None) -> None:
+        super().start_section(heading and textwrap.shorten(heading, self._width - 1, placeholder=" …"))
 
     def _format_action(self, action) -> str:
         name = next((o for o in action.option_strings if o.startswith("--") and not o.endswith("+")), "")
@@ -247,3 +256,23 @@ def run_reconstruction(args: list[str] | dict) -> tuple[Path, set[tuple[str, str
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     data = cli.datamodule
     return Path(cli.trainer.default_root_dir), {data.item_key(i) for i in range(len(data.images))}
+
+
+def help_text(command: str) -> str:
+    """What `ph2p COMMAND --help` prints, from the parser itself (invert, reconstruct)."""
+    run = {"invert": run_inversion, "reconstruct": run_reconstruction}[command]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        run(["--help"])
+    return out.getvalue()
+
+
+def write_help_files() -> None:
+    """HELP_FILES from the parsers; `python -m ph2p_lit.lightning_cli` after changing an option
+    (tests/test_newcomer.py says when they are out of date)."""
+    for command in ("invert", "reconstruct"):
+        (HELP_FILES / f"{command}.txt").write_text(help_text(command))
+
+
+if __name__ == "__main__":
+    write_help_files()
