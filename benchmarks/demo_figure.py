@@ -1,6 +1,8 @@
 """The README picture: each target render, its recovered prompt, and images generated from it.
 
-python benchmarks/demo_figure.py --run runs/demo [--out docs/demo.png] [--samples 3]
+python benchmarks/demo_figure.py --run runs/demo [--out runs/figures/demo.png] [--samples 3]
+
+The README's picture is this with --out docs/demo.png; by default the clone's tracked files stay as they are.
 """
 
 import argparse
@@ -15,6 +17,7 @@ import torch
 from PIL import Image
 
 from ph2p_lit.backbone import Backbone
+from ph2p_lit.cli import quiet_libraries
 from ph2p_lit.generate import generate
 from ph2p_lit.runs import read_jsonl
 
@@ -22,10 +25,11 @@ from ph2p_lit.runs import read_jsonl
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--run", default="runs/demo")
-    p.add_argument("--out", default="docs/demo.png")
+    p.add_argument("--out", default="runs/figures/demo.png")
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--guidance", type=float, default=7.5)
     args = p.parse_args()
+    quiet_libraries()  # as the ph2p commands: no weight-loading bars
     rows = sorted(read_jsonl(Path(args.run) / "prompts.jsonl"), key=lambda r: r["image_id"])
     backbone = Backbone.from_pretrained("demo")
     n, k = len(rows), args.samples
@@ -47,6 +51,7 @@ def main() -> None:
         axes[0, j].set_title(f"seed {j}", fontsize=9)
     fig.text(0.35, 0.985, "generated from the recovered prompt", ha="center", va="top", fontsize=9)
     fig.subplots_adjust(left=0.06, right=0.55, top=0.94, bottom=0.01, wspace=0.05, hspace=0.08)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
 

@@ -1,11 +1,13 @@
 """The README's pictures of reconstruction, editing, attention maps, generation and composition.
 
 python benchmarks/npi_figures.py --bench DIR [--reconstruct runs/reconstruct] [--generate runs/generate]
-                                 [--compose runs/compose] [--rows 6]
+                                 [--compose runs/compose] [--rows 6] [--out runs/figures]
 
 DIR is a `benchmarks/demo_npi.py --out DIR` work folder; the others are the run folders of
 `ph2p reconstruct --config configs/reconstruct.yaml`, `ph2p generate --prompts runs/demo/prompts.jsonl
---out runs/generate` and `ph2p compose ... --out runs/compose`. Writes docs/*.png.
+--out runs/generate` and `ph2p compose ... --out runs/compose`. Writes reconstruct.png, attention.png,
+generate.png and compose.png to --out: the README's pictures with --out docs, else runs/figures (the
+clone's tracked files stay as they are).
 """
 
 import argparse
@@ -65,9 +67,10 @@ def main() -> None:
     p.add_argument("--generate", default="runs/generate")
     p.add_argument("--compose", default="runs/compose")
     p.add_argument("--rows", type=int, default=6)
-    p.add_argument("--docs", default="docs")
+    p.add_argument("--out", default="runs/figures")
     args = p.parse_args()
-    docs = Path(args.docs)
+    docs = Path(args.out)
+    docs.mkdir(parents=True, exist_ok=True)
     reconstruction_figure(Path(args.bench), args.rows).save(docs / "reconstruct.png")
     stacked(sorted(Path(args.reconstruct, "attention").glob("*.png"))[:4]).save(docs / "attention.png")
     stacked(sorted(Path(args.generate).glob("*.png"))[:4]).save(docs / "generate.png")

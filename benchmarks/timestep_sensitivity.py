@@ -1,9 +1,12 @@
 """The paper's Fig. 2b on the demo model: loss under the true vs a wrong caption per timestep bucket.
 
-python benchmarks/timestep_sensitivity.py [--images 20] [--noise 8] [--plot docs/timestep_sensitivity.png]
+python benchmarks/timestep_sensitivity.py [--images 20] [--noise 8] [--plot runs/figures/timestep_sensitivity.png]
+
+docs/timestep_sensitivity.png is this with --plot docs/timestep_sensitivity.png.
 """
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -15,7 +18,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--noise", type=int, default=8)
-    p.add_argument("--plot", default="docs/timestep_sensitivity.png")
+    p.add_argument("--plot", default="runs/figures/timestep_sensitivity.png")
     args = p.parse_args()
     torch.set_num_threads(2)
     rows = timestep_sensitivity(Backbone.from_pretrained("demo"), n_images=args.images, n_noise=args.noise)
@@ -39,6 +42,7 @@ def main() -> None:
         ax.set_title(f"Demo model: loss vs t ({args.images} images x {args.noise} noises)")
         ax.legend()
         fig.tight_layout()
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=120)
         print(f"\nplot: {args.plot}")
 

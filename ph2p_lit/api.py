@@ -60,7 +60,10 @@ def invert(
         settings["trainer"]["default_root_dir"] = own_run_folder(config_run_dir, config_data, settings["data"])
     if ckpt_path is not None:
         settings["ckpt_path"] = ckpt_path
-    folder, image_ids, failures = run_inversion(settings, table=table)
+    try:
+        folder, image_ids, failures = run_inversion(settings, table=table)
+    except InputError as e:  # the message says it all: raised from here, not under 40 lines of LightningCLI's stack
+        raise e.with_traceback(None) from None
     rows = {row["image_id"]: row for row in RunFolder(folder).rows("prompts")}
     # This call's images only (not the folder's others); an image done before it became unreadable keeps its line.
     results = [rows[i] for i in image_ids if i in rows] + [f for f in failures if f["image_id"] not in rows]
@@ -90,7 +93,10 @@ def reconstruct(
     """
     settings = _settings(config, run_dir, model, data, trainer)
     settings["data"] = {**settings["data"], "prompts": str(prompts), "prompt": None, "root": None, "files": None}
-    folder, keys = run_reconstruction(settings)
+    try:
+        folder, keys = run_reconstruction(settings)
+    except InputError as e:  # as in invert
+        raise e.with_traceback(None) from None
     rows = RunFolder(folder).rows("reconstructions")
     return sorted((r for r in rows if (r["image_id"], r.get("settings")) in keys), key=lambda r: r["image_id"])
 

@@ -10,10 +10,17 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image, ImageDraw
 
 from .backbone import Backbone
+
+
+def sdpa_processor():
+    """diffusers' attention through torch's SDPA (loaded with the model, not at import: `--help`
+    must not wait for diffusers)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    return AttnProcessor2_0()
 
 
 class CrossAttentionProcessor:
@@ -21,7 +28,7 @@ class CrossAttentionProcessor:
     that a subclass can read or change its probabilities in `on_probs`."""
 
     def __init__(self):
-        self.sdpa = AttnProcessor2_0()
+        self.sdpa = sdpa_processor()
 
     def on_probs(self, probs: torch.Tensor, batch: int) -> torch.Tensor:
         """probs (batch * heads, queries, tokens) -> the probabilities to use."""
@@ -64,7 +71,7 @@ def processing(backbone: Backbone, processor: CrossAttentionProcessor):
     try:
         yield processor
     finally:
-        backbone.unet.set_attn_processor(AttnProcessor2_0())
+        backbone.unet.set_attn_processor(sdpa_processor())
 
 
 def _on_grid(maps: list[torch.Tensor], size: int) -> torch.Tensor:

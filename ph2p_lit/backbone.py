@@ -3,21 +3,23 @@
 Shared and read-only: it is never a parameter of a LightningModule and never in a checkpoint.
 """
 
+from __future__ import annotations
+
+import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-from transformers.masking_utils import create_causal_mask
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # the libraries load with the model (from_pretrained), not with this module: see __init__.py
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 DEMO_MODEL = str(Path(__file__).parent / "demo" / "model")
 
@@ -33,6 +35,58 @@ def resolve_model(model: str) -> str:
             "(expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     return path
+
+
+def _on_this_machine(name: str) -> bool:
+    """A folder, the demo, or a hub id with a snapshot in the local Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    if name == "demo" or Path(name).exists():
+        return True
+    try:
+        snapshot_download(name, local_files_only=True)
+        return True
+    except Exception:  # not in the cache, or not a valid hub id: either way nothing to load here
+        return False
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot supply weights now, or None if it can: offline by setting, or
+    no answer within 3 s (rather than the hub client's ~25 s of retries for every file)."""
+    from huggingface_hub import constants
+
+    flag = next((f for f in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+                 if os.environ.get(f, "").upper() in ("1", "ON", "YES", "TRUE")), None)
+    if flag or constants.HF_HUB_OFFLINE:
+        return f"{flag or 'HF_HUB_OFFLINE'} is set"
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+        return None
+    except OSError:
+        return f"{endpoint.hostname} does not answer"
+
+
+def check_weights_here(models: dict[str, str | None], local_files_only: bool, missing: list[str] = ()) -> None:
+    """Before a command loads anything: one line naming every weight it needs that is neither on
+    this machine nor fetchable now, instead of one error per part, each after the hub's retries.
+
+    models: setting -> folder or hub id (None: not used); `missing`: other weights already known
+    to be absent, each described with what to do (LPIPS's, from torch's cache).
+    """
+    absent = [(key, name) for key, name in models.items() if name and not _on_this_machine(name)]
+    why = ("local_files_only is set" if local_files_only else hub_unreachable()) if absent else None
+    if why is None:
+        absent = []  # the hub supplies them on first use
+    if not absent and not missing:
+        return
+    named = []
+    if absent:
+        keys = ", ".join(f"{key}={name!r}" for key, name in absent)
+        fetch = ", ".join(f"hf download {name}" for name in dict.fromkeys(name for _, name in absent))
+        named = [f"{keys}: not on this machine (not in the Hugging Face cache, and {why}); fetch once ({fetch}) "
+                 "or give a local folder"]
+    raise InputError("; ".join(named + list(missing)))
 
 
 @dataclass
@@ -63,14 +117,18 @@ class Backbone:
         local_files_only: bool = False,
         offload: bool = False,
         gradient_checkpointing: bool = False,
-    ) -> "Backbone":
+    ) -> Backbone:
         """Load a diffusers-layout Stable Diffusion or SDXL checkpoint (folder or hub id), frozen.
 
         offload: keep the VAE and text encoders on the CPU between uses (less device memory).
         gradient_checkpointing: recompute the U-Net's activations in the backward pass to the
             prompt instead of storing them (less memory, about one more forward's time).
         """
+        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
         path = resolve_model(model)
+        check_weights_here({"model": model}, local_files_only)
         kw = dict(local_files_only=local_files_only)
 
         def load(part: str, loader):
@@ -113,7 +171,7 @@ class Backbone:
     def text_encoders(self) -> list:
         return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
-    def to(self, device: str | torch.device) -> "Backbone":
+    def to(self, device: str | torch.device) -> Backbone:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.compute_device = torch.device(device)
@@ -293,6 +351,8 @@ def _run_text(encoder, token_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.
     """A CLIP text encoder from token embeddings (its forward takes only input_ids): position
     embeddings, causal self-attention. Returns the penultimate layer's hidden states (SDXL reads
     them) and the final ones after the last layer norm (SD reads them)."""
+    from transformers.masking_utils import create_causal_mask  # loaded by from_pretrained already
+
     text = getattr(encoder, "text_model", encoder)  # CLIPTextModelWithProjection wraps a CLIPTextModel
     hidden = text.embeddings(inputs_embeds=token_embeds.to(encoder.dtype))
     mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)

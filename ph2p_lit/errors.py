@@ -5,6 +5,10 @@ Its message names the key or file and what to do; the CLI prints it as one line,
 traceback. Everything else is a bug and keeps its traceback.
 """
 
+import argparse
+import difflib
+import re
+
 from .terminal import one_line
 
 
@@ -28,3 +32,14 @@ def above(section: str, low: float, **settings) -> None:
     for key, value in settings.items():
         if value is not None and not value > low:
             raise InputError(f"{section}.{key}={value}: must be above {low}")
+
+
+def argument_error(command: str, e: argparse.ArgumentError, options: list[str]) -> InputError:
+    """A parser's error as one line: what was wrong, the nearest option to a mistyped one, where
+    the options are listed (not sixty lines of usage first)."""
+    text = " ".join(str(e).split())  # jsonargparse puts the reason on the lines after the key
+    text = text if len(text) <= 300 else text[:300] + " ..."
+    typed = re.search(r"unrecognized arguments: (--[^\s=]+)", text)
+    near = difflib.get_close_matches(typed.group(1), options, n=1) if typed else []
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return InputError(f"{text}{hint}; `ph2p {command} --help` lists the options")

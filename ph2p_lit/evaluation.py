@@ -24,14 +24,14 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from .backbone import Backbone
+from .backbone import Backbone, check_weights_here
 from .demo.world import CONTENT_ATTRIBUTES, attributes_in_text
 from .errors import InputError
 from .generate import generate
 from .image_sets import prompted_items
 from .images import to_pixels
 from .language_prior import LanguagePrior
-from .reconstruction import load_lpips
+from .reconstruction import load_lpips, lpips_weights_missing
 from .report import SETTINGS, grid_path, save_grid, write_report
 from .runs import RunFolder, append_line, read_jsonl, write_text_atomic
 from .similarity import ClipSimilarity, OracleSimilarity, load_offline
@@ -109,6 +109,9 @@ def evaluate(
                     "seed": seed, "clip_model": clip_model, "bert_model": bert_model, "bert_layers": bert_layers,
                     "lpips": lpips_net + ("" if lpips_backbone == "pretrained" else ", random backbone"),
                     "demo_measures": demo, "language_model": language_model}
+        check_weights_here({"model": model, "clip_model": clip_model, "bert_model": bert_model,
+                            "language_model": language_model}, local_files_only,
+                           lpips_weights_missing(lpips_net, lpips_backbone, "lpips_backbone"))
         measures = _Measures(settings, lpips_net, lpips_backbone, device, local_files_only)
         prior = LanguagePrior.from_pretrained(language_model, device, local_files_only) if language_model else None
         backbone = Backbone.from_pretrained(model, device=device, local_files_only=local_files_only)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler
 from PIL import Image
 from tqdm import tqdm
 
@@ -27,7 +26,9 @@ def strength_steps(steps: int, strength: float) -> int:
     return max(1, round(steps * strength))
 
 
-def ddim_scheduler(backbone: Backbone, steps: int) -> DDIMScheduler:
+def ddim_scheduler(backbone: Backbone, steps: int):
+    from diffusers import DDIMScheduler  # loaded with the model, not at import: `--help` must not wait for diffusers
+
     # "trailing" spacing starts at t = T - 1, where the model last saw almost pure noise.
     scheduler = DDIMScheduler.from_config(backbone.scheduler.config, timestep_spacing="trailing")
     scheduler.set_timesteps(steps, device=backbone.device)

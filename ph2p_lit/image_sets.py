@@ -13,7 +13,6 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
-from diffusers import AutoencoderKL
 from torch.utils.data import Dataset
 
 from .backbone import resolve_model
@@ -246,6 +245,8 @@ def hub_images(name: str, split: str, image_column: str, caption_column: str | N
 
 def model_resolution(model: str, local_files_only: bool) -> int:
     """The model's native resolution, from its VAE config (no weights are read)."""
+    from diffusers import AutoencoderKL  # loaded here, not at import: `invert --help` must not wait for it
+
     try:
         config = AutoencoderKL.load_config(resolve_model(model), subfolder="vae", local_files_only=local_files_only)
     except OSError as e:

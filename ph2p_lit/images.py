@@ -4,6 +4,7 @@ budget, `to_rgb`, `to_pixels`), what the model's output becomes for a person (`t
 `read_captions`). Every command converts through here."""
 
 import base64
+import functools
 import io
 import json
 import os
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
 from .errors import InputError
@@ -175,12 +175,17 @@ def find_images(root: Path) -> tuple[list[Path], list[dict]]:
     return sorted(paths), failures
 
 
-_POSTPROCESS = VaeImageProcessor()  # [-1, 1] -> [0, 1] -> 8 bits, as diffusers' pipelines hand images out
+@functools.cache
+def _postprocessor():
+    """[-1, 1] -> [0, 1] -> 8 bits, as diffusers' pipelines hand images out."""
+    from diffusers.image_processor import VaeImageProcessor  # loaded on first use: `--help` must not wait for diffusers
+
+    return VaeImageProcessor()
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[-1, 1] (B, 3, H, W) -> B RGB images."""
-    return _POSTPROCESS.postprocess(images.detach().float(), output_type="pil")
+    return _postprocessor().postprocess(images.detach().float(), output_type="pil")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from .backbone import Backbone
+from .backbone import Backbone, check_weights_here
 from .callbacks import ResultsWriter
 from .errors import InputError, above, at_least
 from .language_prior import LanguagePrior
@@ -138,6 +138,10 @@ class PromptInversion(L.LightningModule):
         # A checkpoint's hparams (and some CLI paths) hold the settings as a plain dict.
         self.refinement = Refinement(**refinement) if isinstance(refinement, dict) else refinement
         self.selection = Selection(**selection) if isinstance(selection, dict) else selection
+        prior = self.refinement.language_model if self.refinement is not None else None
+        clip = self.selection.clip_model if self.selection is not None and self.selection.select_by == "clip" else None
+        check_weights_here({"model.model": model, "model.refinement.language_model": prior,
+                            "model.selection.clip_model": clip}, local_files_only)
         self.selector: ImageSelector | None = None
         self.automatic_optimization = False
         self.backbone: Backbone | None = None  # not an nn.Module: never in state_dict

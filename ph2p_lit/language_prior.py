@@ -10,7 +10,6 @@ readability). Any model `AutoModelForCausalLM.from_pretrained` loads will do (GP
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import InputError
 
@@ -31,6 +30,8 @@ class LanguagePrior:
 
     @classmethod
     def from_pretrained(cls, name: str, device: str | torch.device = "cpu", local_files_only: bool = False) -> "LanguagePrior":
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # loaded here, not at import: `--help` must not wait
+
         path = DEMO_LANGUAGE_MODEL if name == "demo" else name
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)

@@ -3,30 +3,24 @@ errors, the order of --help), the run, the table of prompts. The Python API (api
 same parser on a dict of settings."""
 
 import argparse
-import difflib
-import logging
+import contextlib
+import io
 import os
 import pickle
-import re
-import warnings
+import textwrap
 from pathlib import Path
 
-from diffusers.utils import logging as diffusers_logging
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from transformers.utils import logging as transformers_logging
 
+from .cli import COMMANDS, HELP_FILES, quiet_libraries
 from .configs import with_packaged_configs
 from .data import ImageDataModule, PromptedImages
-from .errors import InputError
+from .errors import InputError, argument_error
 from .inversion import PromptInversion
 from .reconstruction import Reconstruction
 from .runs import RunFolder
 from .terminal import one_line
-
-DESCRIPTIONS = {
-    "invert": "recover a prompt per image (PH2P); writes prompts.jsonl in the run folder",
-    "reconstruct": "rebuild or edit images from their prompts (negative-prompt inversion), with PSNR/LPIPS",
-}
 
 IMAGE_SOURCES = ("root", "files", "dataset", "prompts", "prompt")  # data.* keys that say which images
 INVERT_SOURCES = ("root", "files", "dataset")  # ImageDataModule's
@@ -40,19 +34,9 @@ DEFAULT_CALLBACKS = [
 ]
 
 
-def argument_error(command: str, e: argparse.ArgumentError, options: list[str]) -> InputError:
-    """A parser's error as one line: what was wrong, the nearest option to a mistyped one, where
-    the options are listed (not sixty lines of usage first)."""
-    text = " ".join(str(e).split())  # jsonargparse puts the reason on the lines after the key
-    text = text if len(text) <= 300 else text[:300] + " ..."
-    typed = re.search(r"unrecognized arguments: (--[^\s=]+)", text)
-    near = difflib.get_close_matches(typed.group(1), options, n=1) if typed else []
-    hint = f" (did you mean {near[0]}?)" if near else ""
-    return InputError(f"{text}{hint}; `ph2p {command} --help` lists the options")
-
-
 class ParsingCLI(LightningCLI):
-    """LightningCLI whose parse errors are one line (see argument_error)."""
+    """LightningCLI whose parse errors are one line (see argument_error) and whose --help is a
+    screenful of our options (BriefHelp; --help-all adds Lightning's trainer)."""
 
     command = "invert"
 
@@ -62,11 +46,15 @@ class ParsingCLI(LightningCLI):
                 self.config = parser.parse_object(args)
             except argparse.ArgumentError as e:
                 raise argument_error(self.command, e, list(parser._option_string_actions)) from None
+            quiet_libraries()
             return
-        # `args` always comes from `main`, so Lightning's warning about sys.argv beside it is noise.
         # A source of images named on the command line replaces the config's: `--config
         # configs/demo.yaml --data.files list.txt` means these files, not the demo folder too.
         args = with_packaged_configs(args)
+        if HELP_ALL in args:
+            args = ["--help" if a == HELP_ALL else a for a in args]
+        elif "-h" in args or "--help" in args:
+            brief_help(parser)
         named = named_sources(args)
         if named:
             args = args + [f"--data.{key}=null" for key in IMAGE_SOURCES
@@ -75,6 +63,21 @@ class ParsingCLI(LightningCLI):
             self.config = parser.parse_args(args)
         except argparse.ArgumentError as e:
             raise argument_error(self.command, e, list(parser._option_string_actions)) from None
+        quiet_libraries()  # only now: it loads diffusers, which --help must not wait for
+
+    def before_instantiate_classes(self) -> None:
+        # `--trainer.enable_progress_bar=false` means no bar: drop ours rather than let Lightning
+        # refuse the combination with a traceback.
+        trainer = self.config["trainer"]
+        if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
+            trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("ProgressBar")]
+
+
+HELP_ALL = "--help-all"
+
+
+def _is_trainers(group) -> bool:
+    return any(a.dest.startswith("trainer") for a in group._group_actions)
 
     def instantiate_classes(self) -> None:
         # A settings dataclass that refuses its values (Refinement, Selection) raises inside
@@ -145,18 +148,63 @@ class RunConfig(SaveConfigCallback):
 
 
 def options_before_trainer(parser) -> None:
-    """--help lists the model's and data's options first, Lightning's trainer flags after them."""
-    def is_trainers(group) -> bool:
-        return any(a.dest.startswith("trainer") for a in group._group_actions)
-
-    parser._action_groups.sort(key=is_trainers)
-    for group in filter(is_trainers, parser._action_groups):
+    """--help-all lists the model's and data's options first, Lightning's trainer flags after them."""
+    parser._action_groups.sort(key=_is_trainers)
+    for group in filter(_is_trainers, parser._action_groups):
         group.title = "Lightning's Trainer (--trainer.*): devices, precision, callbacks, the run folder"
 
 
+def brief_help(parser) -> None:
+    """Make --help print our options only, each in a line or two (BriefHelp): Lightning's trainer
+    (360 lines) and the linked settings' internals wait behind --help-all. `ph2p` prints this text
+    from HELP_FILES, written by write_help_files, so that it need not load Lightning first."""
+    parser._action_groups = [g for g in parser._action_groups if not _is_trainers(g) and g.title != "Linked arguments"]
+    parser.formatter_class = BriefHelp
+    parser.epilog = (f"{HELP_ALL}: every option in full, with Lightning's Trainer (--trainer.*: devices, "
+                     "precision, callbacks, the run folder, checkpoints).")
+
+
+class BriefHelp(DefaultHelpFormatter):
+    """An option a line: `--key=default` and the first sentence of its meaning, wrapped to two
+    lines at most (the whole text is in --help-all), for 80 columns (it is printed from a file)."""
+
+    column = 34
+
+    def __init__(self, prog: str, **kwargs):
+        super().__init__(prog, **{**kwargs, "width": 78})
+
+    def start_section(self, heading: str | None) -> None:
+        super().start_section(heading and textwrap.shorten(heading, self._width - 1, placeholder=" …"))
+
+    def _format_action(self, action) -> str:
+        name = next((o for o in action.option_strings if o.startswith("--") and not o.endswith("+")), "")
+        if not name or name.endswith(".help") or action.dest == "seed_everything" or (
+                name.count(".") == 0 and name[2:] in ("model", "data")):  # a group's own config file
+            return ""  # seed_everything: Lightning's global seed; our draws are seeded per image
+        if action.nargs != 0 and action.default is not argparse.SUPPRESS and action.dest != "config":
+            name += f"={_as_yaml(action.default)}"
+        text = (action.help or "").strip()
+        first = text.split(". ", 1)[0].rstrip(".") + "." if text else ""
+        room = max(self._width - self.column, 20)
+        lines = textwrap.wrap(first, room) or [""]
+        if len(lines) > 2:
+            lines = [lines[0], textwrap.shorten(" ".join(lines[1:]), room, placeholder=" …")]
+        head = f"  {name}"
+        if len(head) + 2 > self.column:
+            return "\n".join([head] + [" " * self.column + line for line in lines]) + "\n"
+        return "\n".join([head.ljust(self.column) + lines[0]] + [" " * self.column + line for line in lines[1:]]) + "\n"
+
+
+def _as_yaml(value) -> str:
+    """A default as one would type it on the command line."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return f'"{value}"' if isinstance(value, str) and " " in value else str(value)
+
+
 def parser_settings(command: str) -> dict:
-    return {"prog": f"ph2p {command}", "exit_on_error": False, "description": DESCRIPTIONS[command],
-            "usage": f"ph2p {command} [--config FILE] [--model.KEY VALUE] [--data.KEY VALUE] [--trainer.KEY VALUE]"}
+    return {"prog": f"ph2p {command}", "exit_on_error": False, "description": COMMANDS[command].text,
+            "usage": f"ph2p {command} [--config FILE] [--{{model,data,trainer}}.KEY VALUE ...]"}
 
 
 class InversionCLI(ParsingCLI):
@@ -198,14 +246,6 @@ class InversionCLI(ParsingCLI):
         options_before_trainer(parser)
 
 
-    def before_instantiate_classes(self) -> None:
-        # `--trainer.enable_progress_bar=false` means no bar: drop ours rather than let Lightning
-        # refuse the combination with a traceback.
-        trainer = self.config["trainer"]
-        if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
-            trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("ProgressBar")]
-
-
 class ReconstructionCLI(ParsingCLI):
     command = "reconstruct"
 
@@ -215,7 +255,8 @@ class ReconstructionCLI(ParsingCLI):
         parser.set_defaults(
             {
                 "trainer.default_root_dir": "runs/reconstruct",
-                "trainer.callbacks": [{"class_path": "ph2p_lit.reconstruction.ReconstructionWriter"}],
+                "trainer.callbacks": [{"class_path": "ph2p_lit.reconstruction.ReconstructionProgressBar"},
+                                      {"class_path": "ph2p_lit.reconstruction.ReconstructionWriter"}],
                 "trainer.logger": False,
                 "trainer.enable_model_summary": False,  # the soft prompt is the only parameter: nothing to summarise
                 "trainer.enable_checkpointing": False,
@@ -225,19 +266,6 @@ class ReconstructionCLI(ParsingCLI):
         options_before_trainer(parser)
 
 
-def quiet_libraries() -> None:
-    """Between the command and its progress bar, nothing the user did not ask for: no notes on
-    which accelerators exist, no tips, no per-file weight-loading bars (the command's own bar,
-    table and errors stay)."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    # Lightning's own use of a torch API it has not moved off yet; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    # A rerun that finds every image done plans no batch; the data module has said so in its words.
-    warnings.filterwarnings("ignore", message=r"Total length of `\w+` across ranks is zero\. ")
 
 
 def print_table(run_dir: Path) -> None:
@@ -261,7 +289,6 @@ def run_inversion(args: list[str] | dict, table: bool = True) -> tuple[Path, lis
     """Parse (command-line arguments, or the API's settings as a dict), invert, print the table;
     returns the run folder, the ids of the images this call stands for (inverted now or before)
     and the failures of those that could not be read."""
-    quiet_libraries()
     cli = InversionCLI(
         PromptInversion,
         ImageDataModule,
@@ -306,10 +333,29 @@ def _is_checkpoint_error(e: Exception) -> bool:
 def run_reconstruction(args: list[str] | dict) -> tuple[Path, set[tuple[str, str]]]:
     """Parse (command-line arguments, or the API's settings), reconstruct; returns the run folder
     and the (image id, settings key) of every result this call stands for (made now or before)."""
-    quiet_libraries()
     cli = ReconstructionCLI(Reconstruction, PromptedImages, args=args, run=False,
                             save_config_kwargs={"overwrite": True}, subclass_mode_model=False,
                             parser_kwargs=parser_settings("reconstruct"), auto_configure_optimizers=False,
                             seed_everything_default=False)
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
     return Path(cli.trainer.default_root_dir), cli.datamodule.result_keys()
+
+
+def help_text(command: str) -> str:
+    """What `ph2p COMMAND --help` prints, from the parser itself (invert, reconstruct)."""
+    run = {"invert": run_inversion, "reconstruct": run_reconstruction}[command]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        run(["--help"])
+    return out.getvalue()
+
+
+def write_help_files() -> None:
+    """HELP_FILES from the parsers; `python -m ph2p_lit.lightning_cli` after changing an option
+    (tests/test_newcomer.py says when they are out of date)."""
+    for command in ("invert", "reconstruct"):
+        (HELP_FILES / f"{command}.txt").write_text(help_text(command))
+
+
+if __name__ == "__main__":
+    write_help_files()

@@ -9,7 +9,6 @@ The baseline NPI improves on is the same with the empty prompt as the negative.
 import re
 
 import torch
-from diffusers import DDIMInverseScheduler
 
 from .backbone import Backbone
 from .errors import InputError
@@ -26,6 +25,8 @@ def ddim_invert(
     the same condition retrace one path (up to DDIM's first-order error). strength < 1 stops
     after the first round(steps * strength) steps: an edit then keeps more of the image's layout.
     """
+    from diffusers import DDIMInverseScheduler  # loaded with the model, not at import: `--help` must not wait for it
+
     scheduler = DDIMInverseScheduler.from_config(backbone.scheduler.config, timestep_spacing="trailing")
     scheduler.set_timesteps(steps, device=backbone.device)
     x = latents.float()

@@ -17,12 +17,13 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .attention import heat_grid, prompt_tokens, token_attention
-from .backbone import Backbone
+from .backbone import Backbone, check_weights_here
 from .callbacks import RunFolderWriter
 from .errors import InputError
 from .generate import strength_steps
@@ -39,14 +40,14 @@ LPIPS_WEIGHTS = {  # torchvision backbones lpips loads; offline they must alread
 }
 
 
-def check_lpips_weights(net: str, backbone_weights: Literal["pretrained", "random"]) -> None:
-    """Offline, torchvision's backbone weights must already be in torch's hub cache."""
+def lpips_weights_missing(net: str, backbone_weights: Literal["pretrained", "random"], setting: str) -> list[str]:
+    """torchvision's backbone weights LPIPS loads, described with what to do if they are not in
+    torch's hub cache (lpips would fetch them, with a traceback offline)."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_WEIGHTS[net]
-    if backbone_weights == "pretrained" and not path.is_file():
-        raise InputError(
-            f"model.lpips_net={net!r}: LPIPS needs torchvision's {LPIPS_WEIGHTS[net]} in {path.parent} "
-            "(fetch it once online), or set model.lpips_backbone=random"
-        )
+    if backbone_weights == "random" or path.is_file():
+        return []
+    return [f"LPIPS ({net}) needs torchvision's {LPIPS_WEIGHTS[net]} in {path.parent} (fetch it once online), "
+            f"or set {setting}=random"]
 
 
 def load_lpips(net: str, backbone_weights: Literal["pretrained", "random"]):
@@ -55,7 +56,7 @@ def load_lpips(net: str, backbone_weights: Literal["pretrained", "random"]):
     published metric, and numbers from it are labelled so."""
     import lpips
 
-    check_lpips_weights(net, backbone_weights)
+    check_weights_here({}, False, lpips_weights_missing(net, backbone_weights, "lpips_backbone"))
     # A random backbone is the same one every run; seeded in a forked RNG so the caller's random
     # stream is left as it was.
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -116,7 +117,8 @@ class Reconstruction(L.LightningModule):
         if edit is not None:
             apply_edit("", edit)
         strength_steps(steps, strength)
-        check_lpips_weights(lpips_net, lpips_backbone)
+        check_weights_here({"model.model": model}, local_files_only,
+                           lpips_weights_missing(lpips_net, lpips_backbone, "model.lpips_backbone"))
         self.backbone: Backbone | None = None
 
     def setup(self, stage: str) -> None:
@@ -197,6 +199,21 @@ class Reconstruction(L.LightningModule):
     def _token_maps(self, maps: np.ndarray, prompt: str) -> dict:
         tokens = prompt_tokens(self.backbone, prompt)
         return {"tokens": [t for _, t in tokens], "maps": maps[[p for p, _ in tokens]]}
+
+
+class ReconstructionProgressBar(TQDMProgressBar):
+    """The bar of `ph2p reconstruct`, named for it. Listed before ReconstructionWriter, so it is
+    closed before the writer prints the table (callbacks' on_predict_end run in list order; the
+    bar Lightning adds by itself comes last and drew its final frame below the table)."""
+
+    @property
+    def predict_description(self) -> str:
+        return "reconstruct"
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        # Lightning's own renames the bar "... DataLoader 0" here; there is one loader.
+        if self.has_dataloader_changed(dataloader_idx):
+            self.predict_progress_bar.reset(total=convert_inf(self.total_predict_batches_current_dataloader))
 
 
 class ReconstructionWriter(BasePredictionWriter, RunFolderWriter):

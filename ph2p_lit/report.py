@@ -163,9 +163,16 @@ def _summary(run_dir: Path, cells: list[dict], metrics: dict[str, dict]) -> str:
     the images that could not be read, and the whole config."""
     rows = [c["row"] for c in cells]
     measures = list(dict.fromkeys(k for m in metrics.values() for k in m))
+    # Each mean says how many images it covers: a measure can be missing for some (no caption, an
+    # image that could not be read, a run measured before the measure existed).
     means = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{sum(m[k] for m in metrics.values() if k in m) / sum(k in m for m in metrics.values()):.3f}</td>"
-        f"<td>{_direction(k)}</td></tr>" for k in measures)
+        f"<td>{_direction(k)}</td><td>{sum(k in m for m in metrics.values())} of {len(rows)} images</td></tr>"
+        for k in measures)
+    lpips = _lpips_setting(run_dir) if any("lpips" in k for k in measures) else ""
+    if "random backbone" in lpips:
+        means += (f"<tr><td colspan=4>LPIPS here is {html.escape(lpips)}: it ranks distortions, but it is not "
+                  "the published metric (lpips_backbone: pretrained, with torchvision's weights, is)</td></tr>")
     seconds = sum(float(r.get("seconds") or 0) for r in rows)
     evals = [r["unet_evals"] for r in rows if "unet_evals" in r]
     links = " · ".join(f'<a href="{name}">{name}</a>' for name in ("prompts.jsonl", "config.yaml", "metrics.json",
@@ -175,9 +182,15 @@ def _summary(run_dir: Path, cells: list[dict], metrics: dict[str, dict]) -> str:
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     return (f"<p>{len(rows)} images, {seconds:.0f} s of inversion in all"
             + (f", {sum(evals) / len(evals):.0f} U-Net evaluations per image" if evals else "") + f". {links}</p>"
-            + (f"<table class=means><tr><th>measure</th><th>mean</th><th></th></tr>{means}</table>" if means else "")
+            + (f"<table class=means><tr><th>measure</th><th>mean</th><th></th><th>over</th></tr>{means}</table>" if means else "")
             + (f"<p>{len(failures)} image(s) could not be read:</p><ul>{failed}</ul>" if failures else "")
             + (f"<details><summary>the whole config</summary><pre>{html.escape(config)}</pre></details>" if config else ""))
+
+
+def _lpips_setting(run_dir: Path) -> str:
+    """The LPIPS network and backbone `ph2p evaluate` measured with (its metrics.json)."""
+    path = run_dir / "metrics.json"
+    return str(json.loads(path.read_text()).get("settings", {}).get("lpips", "")) if path.is_file() else ""
 
 
 def _page(run_dir: Path, cells: list[dict], settings: dict, metrics: dict[str, dict], embed: bool) -> str:

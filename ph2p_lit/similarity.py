@@ -7,7 +7,6 @@ Both take pairs of images in [-1, 1], (B, 3, H, W), and return (B,) similarities
 
 import torch
 import torch.nn.functional as F
-from transformers import CLIPImageProcessor, CLIPModel
 
 from .demo.oracle import AttributeOracle
 from .demo.world import CONTENT_ATTRIBUTES
@@ -28,6 +27,8 @@ class ClipSimilarity:
     """Cosine similarity of CLIP image embeddings, with the model's own preprocessing."""
 
     def __init__(self, name: str = "openai/clip-vit-large-patch14", device="cpu", local_files_only: bool = False):
+        from transformers import CLIPImageProcessor, CLIPModel  # loaded here, not at import: `--help` must not wait
+
         self.model = load_offline("clip_model", name, CLIPModel.from_pretrained, local_files_only)
         self.model = self.model.to(device).eval().requires_grad_(False)
         self.processor = load_offline("clip_model", name, CLIPImageProcessor.from_pretrained, local_files_only)

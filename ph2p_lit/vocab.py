@@ -7,11 +7,14 @@ decide which rows are candidates; special tokens are never candidates.
 import functools
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import CLIPTokenizer
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # the tokenizer comes loaded (Backbone.from_pretrained); `--help` must not wait for transformers
+    from transformers import CLIPTokenizer
 
 _WORD_END = "</w>"
 
@@ -90,7 +93,7 @@ class Vocabulary:
 
     def __init__(
         self,
-        tokenizer: CLIPTokenizer,
+        tokenizer: "CLIPTokenizer",
         embedding_table: torch.Tensor,
         ascii_only: bool = False,
         whole_words: bool = False,

@@ -1,9 +1,11 @@
 """Fixtures: a tiny random Stable-Diffusion-architecture model, saved once per session in the
 diffusers layout so tests go through the real `from_pretrained` code, and a few target images."""
 
+import os
 import shutil
 import signal
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,27 @@ from ph2p_lit.backbone import DEMO_MODEL
 from ph2p_lit.demo.architecture import build_components, save_pipeline
 
 torch.set_num_threads(2)
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_THE_SUITES = {".git", ".venv", "__pycache__", ".pytest_cache"}  # git, the install, caches
+
+
+def _files_in_checkout() -> set[str]:
+    files = set()
+    for folder, subfolders, names in os.walk(ROOT):
+        subfolders[:] = [s for s in subfolders if s not in NOT_THE_SUITES and not s.endswith(".egg-info")]
+        files.update(os.path.relpath(os.path.join(folder, n), ROOT) for n in names)
+    return files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_as_it_was():
+    """The suite writes in temporary folders only: after `make test` the checkout holds the same
+    files, ignored ones included (a test that forgot its run folder left runs/invert/ behind)."""
+    before = _files_in_checkout()
+    yield
+    added = sorted(_files_in_checkout() - before)
+    assert not added, f"the test suite wrote into the checkout: {added[:10]}"
 
 
 @pytest.fixture(scope="session")

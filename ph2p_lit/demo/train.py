@@ -38,6 +38,7 @@ def _trainer(steps: int, name: str) -> L.Trainer:
         enable_checkpointing=False,
         gradient_clip_val=1.0,
         log_every_n_steps=50,
+        enable_model_summary=False,  # a table of layers between the command and its progress bars
     )
 
 
