@@ -1,7 +1,7 @@
 """The README's picture of `ph2p app`: the page opened on four bundled demo renders, their prompts
 found and images generated from them, as a real browser (headless Chromium) shows it.
 
-    python benchmarks/app_figure.py --out docs/app.png      # needs chromium (apt-get install chromium)
+    python benchmarks/app_figure.py [--out docs/app.png]     # needs chromium (apt-get install chromium)
 """
 
 import argparse
@@ -16,7 +16,7 @@ from ph2p_lit.images import DEMO_IMAGES
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/app_figure/app.png")
+    parser.add_argument("--out", default="runs/figures/app.png")
     parser.add_argument("--run_dir", default="runs/app_figure")
     parser.add_argument("--images", type=int, default=4)
     args = parser.parse_args()

@@ -47,6 +47,8 @@ CANNOT_RUN = {
     "make test": "is the test suite itself",
     "pytest": "is the test suite itself",
     "source .venv/bin/activate": "the walk runs in this environment already",
+    "app_figure.py": "needs Chromium (apt-get install chromium)",
+    "bookkeeping.py": "writes 111,000 files and takes minutes (tests/test_benchmarks.py runs it small)",
 }
 
 # Extra settings that keep each command to seconds (--small); the checks do not depend on them.
@@ -166,6 +168,13 @@ def check(command: str, folder: Path, before: dict) -> str:
         made = [name for name in ("reconstruct", "attention", "generate", "compose")
                 if (folder / "runs/figures" / f"{name}.png").is_file()]
         return "" if len(made) == 4 else f"runs/figures has only {made}"
+    if command.startswith("ph2p export"):
+        out = {"txt": folder / "runs/demo/captions", "imagefolder": folder / "runs/demo/imagefolder",
+               "csv": folder / "runs/demo/prompts.csv"}[command.split("--format ")[1].split()[0]]
+        count = (len(list(out.rglob("*.txt"))) if out.name == "captions" else
+                 len(lines(out / "metadata.jsonl")) if out.name == "imagefolder" else
+                 len(out.read_text(encoding="utf-8").splitlines()) - 1 if out.is_file() else 0)
+        return "" if count == n_demo else f"{out.relative_to(folder)} holds {count} prompts, not {n_demo}"
     return "no check for this command"
 
 

@@ -72,13 +72,6 @@ class ParsingCLI(LightningCLI):
         if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
             trainer["callbacks"] = [c for c in trainer["callbacks"] if not str(c.get("class_path", "")).endswith("ProgressBar")]
 
-
-HELP_ALL = "--help-all"
-
-
-def _is_trainers(group) -> bool:
-    return any(a.dest.startswith("trainer") for a in group._group_actions)
-
     def instantiate_classes(self) -> None:
         # A settings dataclass that refuses its values (Refinement, Selection) raises inside
         # jsonargparse's handling of `X | None`, which wraps it in a traceback: show our line.
@@ -91,6 +84,13 @@ def _is_trainers(group) -> bool:
             if cause is None:
                 raise
             raise cause from None
+
+
+HELP_ALL = "--help-all"
+
+
+def _is_trainers(group) -> bool:
+    return any(a.dest.startswith("trainer") for a in group._group_actions)
 
 
 def named_sources(args: list[str]) -> set[str]:

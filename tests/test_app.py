@@ -61,3 +61,13 @@ def test_no_images_is_a_message_not_a_traceback(page):
     client = gradio_client.Client(url, verbose=False)
     with pytest.raises(Exception, match="drop one or more images"):
         client.predict([], api_name="/invert")
+
+
+def test_without_gradio_the_page_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from ph2p_lit.errors import InputError
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as when the extra is not installed
+    with pytest.raises(InputError, match=r"pip install 'ph2p-lit\[app\]'"):
+        build(PromptApp())

@@ -29,3 +29,12 @@ def test_gpu_benchmark_table_at_toy_size():
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| float32")]
     assert [int(r[1]) for r in rows] == [1, 2]  # a row per batch size, each with all eight columns filled
     assert all(len(r) == 8 and all(c.strip() for c in r) for r in rows)
+
+def test_bookkeeping_benchmark_table_at_toy_size(tmp_path, capsys, monkeypatch):
+    import bookkeeping
+
+    monkeypatch.setattr(sys, "argv", ["bookkeeping.py", "--sizes", "30", "60", "--folder", str(tmp_path)])
+    bookkeeping.main()
+    table = capsys.readouterr().out.splitlines()
+    stages = [line for line in table if line.startswith(("list the folder", "merge shard", "total"))]
+    assert len(stages) == 3 and all(line.count(" s") >= 2 for line in stages)  # a time for each size

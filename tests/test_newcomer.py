@@ -187,7 +187,8 @@ def test_the_reconstruct_bar_ends_before_the_table(tiny_model, image_folder, tmp
     from ph2p_lit.cli import main
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"image_id": "img0.png", "source": f"{image_folder}/img0.png", "prompt": "a"}) + "\n")
+    prompts.write_text(json.dumps({"image_id": "img0.png", "source": f"{image_folder}/img0.png",
+                                   "source_root": image_folder, "prompt": "a"}) + "\n")
     main(["reconstruct", f"--model.model={tiny_model}", "--model.steps=2", "--model.lpips_backbone=random",
           f"--data.prompts={prompts}", f"--trainer.default_root_dir={tmp_path / 'rec'}"])
     out = capsys.readouterr().out
