@@ -6,7 +6,6 @@ found and images generated from them, as a real browser (headless Chromium) show
 
 import argparse
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -28,16 +27,13 @@ def main() -> None:
     for status, rows in app.invert(images):  # find the prompts first: the page then opens on them
         pass
     app.generated(rows)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     page = build(app).queue()
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    page.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)  # the first free port from 7860
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
                     "--hide-scrollbars", f"--screenshot={Path(args.out).resolve()}", "--window-size=1400,1250",
-                    "--virtual-time-budget=20000", f"http://127.0.0.1:{port}/"],
+                    "--virtual-time-budget=20000", page.local_url],
                    check=True, capture_output=True, timeout=300)
     page.close()
     print(f"wrote {args.out}")

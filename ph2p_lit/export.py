@@ -62,7 +62,7 @@ def export(
 
 
 def _rows(folder: RunFolder) -> list[dict]:
-    if not (folder.results_file("prompts").is_file() or any(folder.path.glob("prompts.rank*.jsonl"))):
+    if not (folder.results_file("prompts").is_file() or folder.part_files("prompts")):  # ranks', shards' lines too
         raise InputError(f"{folder.path}: no prompts.jsonl here; give the run folder of `ph2p invert` "
                          "(its trainer.default_root_dir)")
     rows = {row["image_id"]: row for row in folder.rows("prompts")}  # every rank's lines, merged or not

@@ -127,15 +127,19 @@ def file_name(image_id: str) -> str:
 
 
 def merge_rank_files(final: Path, key) -> None:
-    """Fold the other ranks' files (final's name with .rank<N> before .jsonl) into `final`: sorted,
-    one line per key(row), written atomically, then the rank files removed. Run on one process
-    too: a DDP run resumed on a single device finds the other ranks' files."""
-    rank_files = sorted(final.parent.glob(f"{final.stem}.rank*.jsonl"))
-    if not rank_files:
+    """Fold the other ranks' files (final's name with .rank<N> before .jsonl) into `final`. Run on
+    one process too: a DDP run resumed on a single device finds the other ranks' files."""
+    fold_into(final, sorted(final.parent.glob(f"{final.stem}.rank*.jsonl")), key)
+
+
+def fold_into(final: Path, parts: list[Path], key) -> None:
+    """`final` and `parts` as one file: sorted, one line per key(row) (a later file's line wins),
+    written atomically, then the parts removed."""
+    if not parts:
         return
-    rows = {key(r): r for path in [final, *rank_files] if path.is_file() for r in read_jsonl(path)}
+    rows = {key(r): r for path in [final, *parts] if path.is_file() for r in read_jsonl(path)}
     write_text_atomic(final, "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
-    for path in rank_files:
+    for path in parts:
         path.unlink()
 
 
@@ -266,13 +270,7 @@ class RunFolder:
         except InputError:
             return False
         else:
-            parts = self.part_files(kind)
-            if parts:
-                final = self.path / f"{kind}.jsonl"
-                rows = {key(r): r for path in [final, *parts] if path.is_file() for r in read_jsonl(path)}
-                write_text_atomic(final, "".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
-                for path in parts:
-                    path.unlink()
+            fold_into(self.path / f"{kind}.jsonl", self.part_files(kind), key)
             return True
         finally:
             for lock in held:

@@ -1,8 +1,6 @@
 """`ph2p app` through Gradio's own client: images in, prompts, generated images, embedding files
 and an edit out, from the same API the command uses."""
 
-import socket
-
 import pytest
 import yaml
 
@@ -19,12 +17,9 @@ def page(tmp_path, tiny_model):
                                                 "init_prompt": None}}))
     app = PromptApp(config=str(config), run_dir=str(tmp_path / "app"), model=tiny_model, images_per_prompt=1,
                     sample_steps=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     served = build(app).queue()
-    served.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield app, f"http://127.0.0.1:{port}/"
+    served.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)  # the first free port from 7860
+    yield app, served.local_url
     served.close()
 
 
